@@ -1,0 +1,258 @@
+"""Typed configuration, one set of keys everywhere.
+
+The same nested keys are read from a YAML file, from `LMCACHE_LAB_*` environment variables, from
+Hydra's composed config and from the vLLM connector's `kv_connector_extra_config`:
+
+    chunk_size: 256
+    hash: xxh3_128            # or sha256
+    policy: {name: lru}       # plus the policy's own parameters
+    tiers:
+      cpu:   {capacity_bytes: 2GiB, device: cpu}
+      disk:  {path: null, capacity_bytes: 10GiB}   # off while path is null
+      redis: {url: null}                           # off while url is null
+    codec: none
+    metrics: {port: null, host: 127.0.0.1}         # off while port is null
+
+Invariants are checked in `__post_init__`, so an invalid value fails at start-up with one
+`ConfigError` that names the key and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+HASHES = ("xxh3_128", "sha256")
+CODECS = ("none", "int8", "fp8")
+ENV_PREFIX = "LMCACHE_LAB_"
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the key and the allowed values."""
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(value: int | float | str, key: str = "size") -> int:
+    """`512MiB`, `2GB`, `1048576` -> bytes. Fails with a ConfigError naming `key`."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a size such as 512MiB or a byte count, got {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {value!r}")
+        return int(value)
+    m = _SIZE_RE.match(str(value))
+    if not m:
+        raise ConfigError(f"{key}: expected a size such as 512MiB, 2GB or 1048576, got {value!r}")
+    number, unit = float(m.group(1)), (m.group(2) or "B").lower()
+    return int(number * _UNITS[unit])
+
+
+def _check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(allowed)}")
+
+
+@dataclass
+class PolicyConfig:
+    """`name` selects the policy; every other key is passed to its constructor."""
+    name: str = "lru"
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        from lmcache_lab.policies import POLICIES  # late: policies import nothing from here
+        _check_choice("policy.name", self.name, tuple(sorted(POLICIES)))
+
+
+@dataclass
+class CpuTierConfig:
+    """In-memory tier; `device: cuda` makes it a GPU tier. capacity_bytes 0 turns it off."""
+    capacity_bytes: int = 2 * 2**30
+    device: str = "cpu"
+
+    def __post_init__(self):
+        self.capacity_bytes = parse_size(self.capacity_bytes, "tiers.cpu.capacity_bytes")
+
+
+@dataclass
+class DiskTierConfig:
+    path: str | None = None
+    capacity_bytes: int = 10 * 2**30
+
+    def __post_init__(self):
+        self.capacity_bytes = parse_size(self.capacity_bytes, "tiers.disk.capacity_bytes")
+
+
+@dataclass
+class RedisTierConfig:
+    url: str | None = None
+    key_prefix: str = "lmcache_lab"
+    cluster: bool = False
+    timeout_s: float = 0.5
+    ttl_s: int | None = None
+    capacity_bytes: int | None = None
+    username: str | None = None
+    password: str | None = None
+    ssl_ca_certs: str | None = None
+
+    def __post_init__(self):
+        if self.url is not None and not str(self.url).startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"tiers.redis.url: {self.url!r} must start with redis://, rediss:// or unix://")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"tiers.redis.timeout_s: must be > 0, got {self.timeout_s!r}")
+        if self.capacity_bytes is not None:
+            self.capacity_bytes = parse_size(self.capacity_bytes, "tiers.redis.capacity_bytes")
+
+
+@dataclass
+class TiersConfig:
+    cpu: CpuTierConfig = field(default_factory=CpuTierConfig)
+    disk: DiskTierConfig = field(default_factory=DiskTierConfig)
+    redis: RedisTierConfig = field(default_factory=RedisTierConfig)
+
+
+@dataclass
+class MetricsConfig:
+    port: int | None = None
+    host: str = "127.0.0.1"
+
+    def __post_init__(self):
+        if self.port is not None and not (0 <= int(self.port) <= 65535):
+            raise ConfigError(f"metrics.port: must be in 0..65535 or null, got {self.port!r}")
+
+
+@dataclass
+class CacheConfig:
+    chunk_size: int = 256
+    hash: str = "xxh3_128"
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    tiers: TiersConfig = field(default_factory=TiersConfig)
+    codec: str = "none"
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def __post_init__(self):
+        if not isinstance(self.chunk_size, int) or isinstance(self.chunk_size, bool) or self.chunk_size <= 0:
+            raise ConfigError(f"chunk_size: must be a positive integer, got {self.chunk_size!r}")
+        _check_choice("hash", self.hash, HASHES)
+        _check_choice("codec", self.codec, CODECS)
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> "CacheConfig":
+        """Build from nested plain data; unknown keys are errors (a typo must not be ignored)."""
+        return _build(cls, dict(data or {}), prefix="")
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> "CacheConfig":
+        return cls.from_dict(_read_yaml(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        policy = data.pop("policy")
+        data["policy"] = {"name": policy["name"], **policy["params"]}
+        return data
+
+
+def _build(cls, data: dict[str, Any], prefix: str):
+    if cls is PolicyConfig:
+        data = dict(data)
+        name = data.pop("name", "lru")
+        return PolicyConfig(name=name, params={**data.pop("params", {}), **data})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(f"{prefix}{key}: unknown key; allowed keys are {', '.join(fields)}")
+        sub = _nested_type(fields[key])
+        if sub is not None:
+            if value is None:
+                value = {}
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{prefix}{key}: expected a mapping, got {value!r}")
+            kwargs[key] = _build(sub, dict(value), prefix=f"{prefix}{key}.")
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+_NESTED = {"PolicyConfig": PolicyConfig, "TiersConfig": TiersConfig, "CpuTierConfig": CpuTierConfig,
+           "DiskTierConfig": DiskTierConfig, "RedisTierConfig": RedisTierConfig,
+           "MetricsConfig": MetricsConfig}
+
+
+def _nested_type(f: dataclasses.Field):
+    return _NESTED.get(f.type if isinstance(f.type, str) else getattr(f.type, "__name__", ""))
+
+
+def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    import yaml
+
+    text = Path(path).read_text()
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of config keys")
+    return data
+
+
+def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """`LMCACHE_LAB_TIERS__CPU__CAPACITY_BYTES=1GiB` -> {"tiers": {"cpu": {"capacity_bytes": "1GiB"}}}.
+
+    A double underscore separates nesting levels; values are parsed as YAML scalars so numbers,
+    booleans and `null` come out typed. `LMCACHE_LAB_CONFIG_FILE` names a YAML file instead.
+    """
+    import yaml
+
+    environ = os.environ if environ is None else environ
+    out: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG_FILE":
+            continue
+        path = name[len(ENV_PREFIX):].lower().split("__")
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = yaml.safe_load(raw) if raw != "" else None
+    return out
+
+
+def load_config(source: str | os.PathLike | Mapping[str, Any] | CacheConfig | None = None,
+                environ: Mapping[str, str] | None = None) -> CacheConfig:
+    """Defaults <- YAML file (`LMCACHE_LAB_CONFIG_FILE` or a path) <- env vars <- mapping `source`.
+
+    A mapping may itself name a file with the key `config_file` (as the vLLM extra config does).
+    """
+    if isinstance(source, CacheConfig):
+        return source
+    environ = os.environ if environ is None else environ
+    data: dict[str, Any] = {}
+    overrides: dict[str, Any] = {}
+    file = environ.get(ENV_PREFIX + "CONFIG_FILE")
+    if isinstance(source, (str, os.PathLike)):
+        file = source
+    elif isinstance(source, Mapping):
+        overrides = dict(source)
+        file = overrides.pop("config_file", None) or file
+    if file:
+        data = _read_yaml(file)
+    data = _deep_merge(data, env_overrides(environ))
+    data = _deep_merge(data, overrides)
+    return CacheConfig.from_dict(data)
+
+
+CACHE_KEYS = tuple(f.name for f in dataclasses.fields(CacheConfig))

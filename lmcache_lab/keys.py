@@ -1,0 +1,84 @@
+"""Chunk keys: tokens -> full chunks -> chained 128-bit content hashes.
+
+    h_{-1} = H(namespace)                 namespace = everything that makes KV bytes differ
+    h_i    = H(h_{i-1} || tokens_i)       tokens_i = the i-th chunk as little-endian uint32
+
+A key therefore stands for the chunk *and every token before it*: equal keys mean equal prefixes,
+and a changed early token changes every later key. H is xxh3_128 (fast) or sha256 (asked for by
+config); never Python's `hash()`, which is salted per process. Only full chunks get keys: a
+trailing partial chunk is never stored, so hits are always a multiple of `chunk_size`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+import xxhash
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """Everything that changes the KV bytes of a token sequence. Two stores that differ in any
+    field never share a key."""
+    model: str
+    kv_dtype: str = "unknown"
+    layout: str = "unknown"
+    tp_rank: int = 0
+    tp_size: int = 1
+    codec: str = "none"
+    extra: str = ""  # anything else an integration needs to separate (e.g. "mla", page size)
+
+    def seed(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
+
+
+def _hasher(name: str):
+    if name == "xxh3_128":
+        return lambda data: xxhash.xxh3_128_digest(data)
+    if name == "sha256":
+        return lambda data: hashlib.sha256(data).digest()
+    raise ValueError(f"hash: {name!r} is not allowed; choose one of xxh3_128, sha256")
+
+
+def tokens_to_array(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Token ids as a contiguous little-endian uint32 array (the bytes that get hashed)."""
+    if hasattr(tokens, "numpy") and not isinstance(tokens, np.ndarray):  # torch.Tensor
+        tokens = tokens.detach().cpu().numpy()
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+        raise ValueError(f"tokens: expected a 1-D sequence of token ids, got shape {arr.shape}")
+    if arr.size and (arr.dtype.kind not in "iu" or arr.min() < 0 or arr.max() > 0xFFFFFFFF):
+        raise ValueError("tokens: token ids must be integers in 0..2**32-1")
+    return np.ascontiguousarray(arr, dtype="<u4")
+
+
+class ChunkKeyer:
+    """Computes the chained keys of a token sequence for one namespace."""
+
+    def __init__(self, namespace: Namespace, chunk_size: int = 256, hash: str = "xxh3_128"):
+        assert chunk_size > 0
+        self.namespace = namespace
+        self.chunk_size = chunk_size
+        self.hash_name = hash
+        self._h = _hasher(hash)
+        self.root = self._h(namespace.seed())
+
+    def num_full_chunks(self, num_tokens: int) -> int:
+        return num_tokens // self.chunk_size
+
+    def keys(self, tokens: Sequence[int] | np.ndarray, max_chunks: int | None = None) -> list[bytes]:
+        """Keys of the full chunks of `tokens` (at most `max_chunks`), in prefix order."""
+        data = tokens_to_array(tokens)
+        n = len(data) // self.chunk_size
+        if max_chunks is not None:
+            n = min(n, max_chunks)
+        buf = memoryview(data[: n * self.chunk_size].tobytes())
+        step = self.chunk_size * 4
+        h, prev, out = self._h, self.root, []
+        for i in range(n):
+            prev = h(prev + buf[i * step:(i + 1) * step])
+            out.append(prev)
+        return out

@@ -1,0 +1,97 @@
+"""The eviction-policy interface shared by live tiers and the trace replay.
+
+A policy orders the chunks resident in one tier. Its owner calls:
+
+    on_insert(key, nbytes, parent, position)   a chunk became resident (parent: key of the chunk
+                                               before it in its prefix chain, or None)
+    on_access(chain)                           a request used these resident chunks (root first)
+    on_remove(key)                             a chunk left the tier (evicted or deleted)
+    victim(can_evict) -> key | None            the next chunk to evict
+
+Invariants every policy keeps (the tests check them):
+  * tail first: `victim` never returns a chunk that has a resident child in this tier. A chunk is
+    useful only if its whole prefix is present, so evicting a parent before its children would
+    leave orphans that no lookup can reach (vLLM frees block chains tail first; SGLang evicts only
+    radix-tree leaves).
+  * `victim` never returns a key for which `can_evict(key)` is False (pinned: being loaded).
+  * pure Python, no torch; every operation O(1) or O(log n) apart from skipping pinned entries.
+"""
+from __future__ import annotations
+
+from typing import Callable, Hashable, Iterable, Iterator, Sequence
+
+Key = Hashable
+
+
+class EvictionPolicy:
+    name = "base"
+
+    def __init__(self, chunk_tokens: int = 256, **params):
+        if params:
+            raise ValueError(f"policy {self.name!r}: unknown parameter(s) {', '.join(sorted(params))}")
+        self.chunk_tokens = chunk_tokens
+        self._parent: dict[Key, Key | None] = {}
+        self._children: dict[Key, int] = {}
+
+    # ---- prefix-chain bookkeeping (shared) ------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self._parent
+
+    def is_leaf(self, key: Key) -> bool:
+        return not self._children.get(key)
+
+    def on_insert(self, key: Key, nbytes: int, parent: Key | None = None, position: int = 0) -> None:
+        assert key not in self._parent, "on_insert of a resident key"
+        if parent is not None and parent not in self._parent:
+            parent = None  # the parent is not in this tier: the chunk is a root here
+        self._parent[key] = parent
+        if parent is not None:
+            n = self._children.get(parent, 0)
+            self._children[parent] = n + 1
+            if n == 0:
+                self._leaf_changed(parent, False)
+        self._inserted(key, nbytes, position)
+
+    def on_remove(self, key: Key) -> None:
+        parent = self._parent.pop(key)
+        self._children.pop(key, None)
+        if parent is not None and parent in self._parent:
+            n = self._children[parent] - 1
+            if n:
+                self._children[parent] = n
+            else:
+                del self._children[parent]
+                self._leaf_changed(parent, True)
+        self._removed(key)
+
+    def on_access(self, chain: Sequence[Key]) -> None:
+        """Touch a request's resident chunks deepest first, so a parent is never 'older' than
+        its children in recency-ordered policies."""
+        for key in reversed(chain):
+            self._hit(key)
+
+    def victim(self, can_evict: Callable[[Key], bool] = lambda k: True) -> Key | None:
+        for key in self._candidates():
+            if not self._children.get(key) and can_evict(key):
+                return key
+        return None
+
+    # ---- what a policy implements ------------------------------------------------------------
+    def _inserted(self, key: Key, nbytes: int, position: int) -> None:
+        raise NotImplementedError
+
+    def _hit(self, key: Key) -> None:
+        raise NotImplementedError
+
+    def _removed(self, key: Key) -> None:
+        raise NotImplementedError
+
+    def _candidates(self) -> Iterator[Key] | Iterable[Key]:
+        """Resident keys, best victim first (may include non-leaves; `victim` skips them)."""
+        raise NotImplementedError
+
+    def _leaf_changed(self, key: Key, is_leaf: bool) -> None:
+        """Called when a resident key gains its first child or loses its last one."""

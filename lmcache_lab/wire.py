@@ -1,0 +1,112 @@
+"""Wire format of a stored chunk (disk files, Redis values). Never pickle: a shared store is an
+attack surface, so every field read back is validated before it sizes an allocation.
+
+    offset  size  field
+    0       4     magic  b"LMCK"
+    4       2     version (little-endian u16)
+    6       4     header length H (u32, <= MAX_HEADER)
+    10      8     xxh3_64 checksum of header JSON + payload
+    18      H     header JSON: {"key", "parent", "position", "tensors": [{"name","dtype","shape"}]}
+    18+H    ...   payload: the tensors' raw bytes, concatenated in header order
+"""
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from math import prod
+
+import torch
+import xxhash
+
+MAGIC = b"LMCK"
+VERSION = 1
+MAX_HEADER = 64 * 1024
+_PREFIX = struct.Struct("<4sHIQ")
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+    "float8_e4m3fn": torch.float8_e4m3fn, "int8": torch.int8, "uint8": torch.uint8,
+    "int32": torch.int32, "int64": torch.int64,
+}
+_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class WireError(ValueError):
+    """A stored value that is not a valid chunk (corrupted, truncated, foreign, oversized)."""
+
+
+@dataclass
+class ChunkRecord:
+    key: bytes
+    parent: bytes | None
+    position: int
+    tensors: dict[str, torch.Tensor]
+
+
+def encode(key: bytes, tensors: dict[str, torch.Tensor], parent: bytes | None = None,
+           position: int = 0) -> bytes:
+    parts, descr = [], []
+    for name, t in tensors.items():
+        if t.dtype not in _NAMES:
+            raise WireError(f"tensor {name!r}: dtype {t.dtype} cannot be stored")
+        t = t.detach().contiguous().cpu()
+        descr.append({"name": name, "dtype": _NAMES[t.dtype], "shape": list(t.shape)})
+        parts.append(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    header = json.dumps({"key": key.hex(), "parent": parent.hex() if parent else None,
+                         "position": int(position), "tensors": descr},
+                        separators=(",", ":")).encode()
+    payload = b"".join(parts)
+    h = xxhash.xxh3_64()
+    h.update(header)
+    h.update(payload)
+    return _PREFIX.pack(MAGIC, VERSION, len(header), h.intdigest()) + header + payload
+
+
+def decode(data: bytes | bytearray | memoryview, expected_key: bytes | None = None,
+           max_payload: int | None = None) -> ChunkRecord:
+    """Parse and verify; raises WireError on anything unexpected. `max_payload` caps the sizes a
+    header may declare (pass the expected chunk size) so hostile data cannot drive allocation."""
+    view = memoryview(data)
+    if len(view) < _PREFIX.size:
+        raise WireError("truncated: shorter than the fixed prefix")
+    magic, version, hlen, checksum = _PREFIX.unpack_from(view)
+    if magic != MAGIC:
+        raise WireError("not a chunk: bad magic")
+    if version != VERSION:
+        raise WireError(f"unsupported version {version} (this build reads {VERSION})")
+    if hlen > MAX_HEADER or _PREFIX.size + hlen > len(view):
+        raise WireError("truncated or oversized header")
+    header_bytes = view[_PREFIX.size:_PREFIX.size + hlen]
+    payload = view[_PREFIX.size + hlen:]
+    if max_payload is not None and len(payload) > max_payload:
+        raise WireError(f"payload of {len(payload)} bytes exceeds the cap of {max_payload}")
+    h = xxhash.xxh3_64()
+    h.update(header_bytes)
+    h.update(payload)
+    if h.intdigest() != checksum:
+        raise WireError("checksum mismatch")
+    try:
+        header = json.loads(bytes(header_bytes))
+        key = bytes.fromhex(header["key"])
+        parent = bytes.fromhex(header["parent"]) if header["parent"] else None
+        position = int(header["position"])
+        descr = [(str(d["name"]), DTYPES[d["dtype"]], [int(s) for s in d["shape"]]) for d in header["tensors"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise WireError(f"malformed header: {e}") from None
+    if expected_key is not None and key != expected_key:
+        raise WireError("stored under a different key")
+    tensors, offset = {}, 0
+    for name, dtype, shape in descr:
+        if any(s < 0 for s in shape):
+            raise WireError(f"tensor {name!r}: negative dimension")
+        nbytes = prod(shape) * dtype.itemsize
+        if offset + nbytes > len(payload):
+            raise WireError(f"tensor {name!r}: declares more bytes than the payload holds")
+        raw = payload[offset:offset + nbytes]
+        t = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
+        tensors[name] = t.view(dtype).reshape(shape)
+        offset += nbytes
+    if offset != len(payload):
+        raise WireError("payload longer than the tensors it declares")
+    return ChunkRecord(key, parent, position, tensors)
