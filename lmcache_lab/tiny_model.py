@@ -1,0 +1,146 @@
+"""Build a small random-weight Llama plus a locally trained tokenizer into a directory.
+
+No model hub is needed: the weights are drawn from a seeded generator and the tokenizer is a
+byte-level BPE trained with `tokenizers` on seeded synthetic text, wrapped in
+`PreTrainedTokenizerFast`. The directory loads in vLLM (and transformers) like any local model, in
+fp32 or bf16, with deterministic greedy output.
+
+    python -m lmcache_lab.tiny_model /tmp/tiny-llama --layers 6 --hidden 512
+
+Invariants:
+  * Deterministic: the same `TinyModelSpec` always gives the same weights and tokenizer.
+  * Reused: a directory already holding a model of the same spec (see `SPEC_FILE`) is returned as
+    it is; a different spec in the same directory is rebuilt.
+  * `vocab_size` of the model equals the tokenizer's real vocabulary, so every id the model can
+    emit decodes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+SPEC_FILE = "lmcache_lab_tiny_model.json"
+
+
+@dataclass(frozen=True)
+class TinyModelSpec:
+    """Shape of the model. Defaults: about 40M parameters, 6 layers, KV of 12 KiB/token in fp32."""
+    layers: int = 6
+    hidden: int = 512
+    heads: int = 8
+    kv_heads: int = 4
+    intermediate: int = 2048
+    vocab: int = 16384          # target BPE vocabulary; the model uses the trained size
+    max_position: int = 16384
+    seed: int = 0
+
+    def __post_init__(self):
+        assert self.layers > 0 and self.hidden > 0 and self.intermediate > 0
+        assert self.hidden % self.heads == 0, "hidden must be divisible by heads"
+        assert self.heads % self.kv_heads == 0, "heads must be divisible by kv_heads"
+        assert self.vocab >= 512, "vocab must leave room for the 256 byte tokens and merges"
+
+
+def _corpus(seed: int, lines: int = 20000) -> list[str]:
+    """Seeded synthetic text: pseudo-words from syllables, so BPE finds plenty of merges."""
+    rng = random.Random(seed)
+    onsets = ["", "b", "c", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w",
+              "st", "tr", "ch", "sh", "th", "pl", "gr", "br"]
+    vowels = ["a", "e", "i", "o", "u", "ai", "ea", "ou", "io"]
+    codas = ["", "n", "r", "s", "t", "l", "m", "nd", "st", "ng"]
+    words = ["".join(rng.choice(onsets) + rng.choice(vowels) + rng.choice(codas)
+                     for _ in range(rng.randint(1, 3))) for _ in range(6000)]
+    punct = [".", ",", "!", "?", ";", ":"]
+    out = []
+    for _ in range(lines):
+        n = rng.randint(5, 25)
+        s = " ".join(rng.choice(words) for _ in range(n))
+        out.append(s.capitalize() + rng.choice(punct) + (" " + str(rng.randint(0, 9999)) if rng.random() < 0.2 else ""))
+    return out
+
+
+def _train_tokenizer(spec: TinyModelSpec):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=spec.vocab, special_tokens=["<s>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(_corpus(spec.seed), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def build_tiny_model(path: str | os.PathLike, spec: TinyModelSpec | None = None) -> Path:
+    """Build (or reuse) a tiny Llama under `path`; returns the directory."""
+    spec = spec or TinyModelSpec()
+    path = Path(path)
+    marker = path / SPEC_FILE
+    if marker.exists():
+        try:
+            if json.loads(marker.read_text()) == asdict(spec):
+                return path
+        except (OSError, ValueError):
+            pass  # unreadable marker: rebuild below
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _train_tokenizer(spec)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads, max_position_embeddings=spec.max_position,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False, torch_dtype="float32")
+    torch.manual_seed(spec.seed)
+    model = LlamaForCausalLM(config)
+    # Build next to the target and rename into place, so a reader never sees half a model.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=path.parent))
+    tmp.chmod(0o755)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / SPEC_FILE).write_text(json.dumps(asdict(spec)))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return path
+
+
+def num_parameters(spec: TinyModelSpec, vocab: int | None = None) -> int:
+    """Parameter count of the Llama built from `spec` (untied embeddings, no biases)."""
+    v = vocab or spec.vocab
+    head_dim = spec.hidden // spec.heads
+    attn = spec.hidden * spec.hidden * 2 + spec.hidden * spec.kv_heads * head_dim * 2
+    mlp = 3 * spec.hidden * spec.intermediate
+    norms = 2 * spec.hidden
+    return spec.layers * (attn + mlp + norms) + 2 * v * spec.hidden + spec.hidden
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("path")
+    d = TinyModelSpec()
+    for name in ("layers", "hidden", "heads", "kv_heads", "intermediate", "vocab", "max_position", "seed"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    args = p.parse_args(argv)
+    spec = TinyModelSpec(**{k: v for k, v in vars(args).items() if k != "path"})
+    out = build_tiny_model(args.path, spec)
+    print(f"{out} ({num_parameters(spec) / 1e6:.1f}M parameters, {spec.layers} layers)")
+
+
+if __name__ == "__main__":
+    main()
