@@ -62,51 +62,80 @@ class CacheEngine:
         return self.keyer.keys(tokens, max_chunks)
 
     def lookup(self, tokens) -> int:
-        keys = self.keyer.keys(tokens)
-        hit = self.store_.prefix_length(keys) * self.chunk_size
+        return self.lookup_keys(self.keyer.keys(tokens)) * self.chunk_size
+
+    def lookup_keys(self, keys: Sequence[bytes]) -> int:
+        """Number of leading `keys` (chained chunk keys, root first) present in some tier."""
+        hit = self.store_.prefix_length(keys)
         self.stats.lookups += 1
         self.stats.lookup_tokens += len(keys) * self.chunk_size
-        self.stats.hit_tokens += hit
+        self.stats.hit_tokens += hit * self.chunk_size
         return hit
 
     def store(self, tokens, kv_chunks: Sequence[torch.Tensor], start: int = 0) -> int:
         """Store `kv_chunks[i]` as full chunk `start + i` of `tokens`. Chunks already present are
         only touched. The tensors are owned by the cache afterwards (pass fresh tensors)."""
-        t0 = time.perf_counter()
         keys = self.keyer.keys(tokens)
         if start < 0 or start + len(kv_chunks) > len(keys):
             raise ValueError(f"store: chunks {start}..{start + len(kv_chunks)} exceed the "
                              f"{len(keys)} full chunks of {len(tokens)} tokens")
+        return self.store_keyed(keys, kv_chunks, start)
+
+    def store_keyed(self, keys: Sequence[bytes], kv_chunks: Sequence[torch.Tensor], start: int = 0,
+                    tiers: Sequence[int] | None = None) -> int:
+        """Store `kv_chunks[i]` under `keys[start + i]` (its parent is `keys[start + i - 1]`).
+
+        `tiers` (indices into `self.tiers`) restricts the write to those tiers, e.g. the slow ones
+        written behind the step; a chunk already present in them is only touched. Statistics count
+        each chunk once: when it becomes resident in the first tier asked for."""
+        t0 = time.perf_counter()
+        if start < 0 or start + len(kv_chunks) > len(keys):
+            raise ValueError(f"store_keyed: chunks {start}..{start + len(kv_chunks)} exceed "
+                             f"{len(keys)} keys")
+        targets = self.store_.tiers if tiers is None else [self.store_.tiers[i] for i in tiers]
+        count = tiers is None or (len(tiers) and tiers[0] == 0)
         stored = 0
         for i, chunk in enumerate(kv_chunks, start):
             key = keys[i]
-            if self.store_.contains(key):
+            if any(t.contains(key) for t in targets):
                 continue
             value = self.codec.encode(chunk)
-            if self.store_.put(key, value, keys[i - 1] if i else None, i * self.chunk_size):
+            ok = False
+            for tier in targets:
+                ok |= tier.put(key, value, keys[i - 1] if i else None, i * self.chunk_size)
+            if ok:
                 stored += 1
-                self.stats.stored_bytes += payload_nbytes(value)
-        self.store_.touch(keys[:start + len(kv_chunks)])
-        self.stats.stored_chunks += stored
+                if count:
+                    self.stats.stored_bytes += payload_nbytes(value)
+        for tier in targets:
+            tier.touch(keys[:start + len(kv_chunks)])
+        if count:
+            self.stats.stored_chunks += stored
         self.stats.store_seconds += time.perf_counter() - t0
         return stored
 
     def retrieve(self, tokens, num_tokens: int | None = None) -> list[torch.Tensor]:
         """KV chunks of the leading cached prefix (at most `num_tokens` tokens). Stops at the first
         chunk that cannot be loaded; each such event counts in `stats.load_failures`."""
-        t0 = time.perf_counter()
         max_chunks = None if num_tokens is None else num_tokens // self.chunk_size
-        keys = self.keyer.keys(tokens, max_chunks)
+        return self.retrieve_keyed(self.keyer.keys(tokens, max_chunks), expected=num_tokens is not None)
+
+    def retrieve_keyed(self, keys: Sequence[bytes], start: int = 0, expected: bool = True
+                       ) -> list[torch.Tensor]:
+        """KV chunks of `keys[start:]`, in order, stopping at the first one that cannot be read.
+        With `expected` (the caller was promised these chunks by a lookup), a shortfall counts
+        as one `stats.load_failures` event."""
+        t0 = time.perf_counter()
         out: list[torch.Tensor] = []
-        for i, key in enumerate(keys):
-            value = self.store_.get(key, keys[i - 1] if i else None, i * self.chunk_size)
+        for i in range(start, len(keys)):
+            value = self.store_.get(keys[i], keys[i - 1] if i else None, i * self.chunk_size)
             if value is None:
-                if num_tokens is not None:
+                if expected:
                     self.stats.load_failures += 1
                 break
             out.append(self.codec.decode(value))
             self.stats.retrieved_bytes += payload_nbytes(value)
-        self.store_.touch(keys[:len(out)])
+        self.store_.touch(keys[:start + len(out)])
         self.stats.retrieved_chunks += len(out)
         self.stats.retrieve_seconds += time.perf_counter() - t0
         return out
@@ -117,6 +146,10 @@ class CacheEngine:
         keys = self.keyer.keys(tokens, num_tokens // self.chunk_size)
         self.store_.pin(keys)
         return keys
+
+    def pin_keys(self, keys: Sequence[bytes]) -> None:
+        """Pin chunks so no tier evicts them until `unpin(keys)`; pins nest."""
+        self.store_.pin(keys)
 
     def unpin(self, keys: Sequence[bytes]) -> None:
         self.store_.unpin(keys)
