@@ -1,0 +1,299 @@
+"""Paged gather (engine cache -> chunk) and scatter (chunk -> engine cache), for any `KVLayout`.
+
+    chunk = gather(kv_caches, layout, slot_mapping)      # fresh [2, L, N, H*D], padding rows zero
+    scatter(chunk, kv_caches, layout, slot_mapping)      # in place; slots of -1 skipped
+
+`slot_mapping` is int64 `[N]` on the caches' device, `slot = block * block_size + offset`, -1 for
+padding. `chunk[0]` holds K and `chunk[1]` holds V, `[layer, token, head * head_size + dim]`.
+
+Backends (keyword `backend`):
+  * "triton": one launch for all layers (compiled on CUDA, the interpreter on CPU when
+    `TRITON_INTERPRET=1` was set before this module was imported);
+  * "torch": strided views + index_select / index_copy_ per layer (the CPU hot path);
+  * "reference": the address formula of `kernels/layout.py` spelt out with flat indices (slow,
+    obviously right; tests compare the other two against it);
+  * "auto" (default): "triton" for CUDA tensors, "torch" otherwise.
+
+Invariants: every input is validated before any backend runs (dtype, shape, contiguity, device,
+-1 <= slot < num_slots, scatter slots distinct), so no out-of-range address reaches a kernel.
+All backends are bit-exact copies: gather followed by scatter restores the cache exactly.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .layout import KVLayout, validate_caches
+
+BACKENDS = ("auto", "triton", "torch", "reference")
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# =================================================================================== validation
+def _check_slots(slot_mapping, layout: KVLayout, device: torch.device, distinct: bool) -> None:
+    if not isinstance(slot_mapping, torch.Tensor):
+        raise TypeError(f"slot_mapping: expected an int64 tensor, got {type(slot_mapping).__name__}")
+    if slot_mapping.dtype != torch.int64:
+        raise TypeError(f"slot_mapping: dtype must be torch.int64, got {slot_mapping.dtype}")
+    if slot_mapping.dim() != 1:
+        raise ValueError(f"slot_mapping: must be 1-D [N], got shape {list(slot_mapping.shape)}")
+    if not slot_mapping.is_contiguous():
+        raise ValueError("slot_mapping: not contiguous")
+    if slot_mapping.device != device:
+        raise ValueError(f"slot_mapping: on {slot_mapping.device}, kv_caches on {device}")
+    if slot_mapping.numel() == 0:
+        return
+    lo, hi = int(slot_mapping.min()), int(slot_mapping.max())
+    if lo < -1 or hi >= layout.num_slots:
+        bad = lo if lo < -1 else hi
+        raise ValueError(f"slot_mapping: slot {bad} out of range; layout {layout.name} has "
+                         f"{layout.num_slots} slots (valid: 0..{layout.num_slots - 1}, or -1 = padding)")
+    if distinct:
+        valid = slot_mapping[slot_mapping >= 0]
+        if torch.unique(valid).numel() != valid.numel():
+            raise ValueError("slot_mapping: a slot appears twice; scatter targets must be distinct")
+
+
+def _check_chunk(chunk, layout: KVLayout, n: int, dtype: torch.dtype, device: torch.device) -> None:
+    if not isinstance(chunk, torch.Tensor):
+        raise TypeError(f"chunk: expected a tensor, got {type(chunk).__name__}")
+    want = layout.chunk_shape(n)
+    if tuple(chunk.shape) != want:
+        raise ValueError(f"chunk: shape {list(chunk.shape)}, expected [2, L, N, H*D] = {list(want)}")
+    if chunk.dtype != dtype:
+        raise TypeError(f"chunk: dtype {chunk.dtype} differs from the caches' {dtype}")
+    if chunk.device != device:
+        raise ValueError(f"chunk: on {chunk.device}, kv_caches on {device}")
+    if not chunk.is_contiguous():
+        raise ValueError("chunk: not contiguous")
+
+
+def _pick_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda" and not _INTERPRET:
+        raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
+                         "lmcache_lab.kernels.paged is imported")
+    return backend
+
+
+# =================================================================================== public API
+def gather(kv_caches, layout: KVLayout, slot_mapping: torch.Tensor, *,
+           out: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """Copy K and V of the tokens at `slot_mapping` from every layer into one contiguous chunk
+    `[2, L, N, H*D]` (rows of padding slots are zero). `out`, if given, is filled and returned."""
+    pairs = validate_caches(kv_caches, layout)
+    ref = pairs[0][0]
+    _check_slots(slot_mapping, layout, ref.device, distinct=False)
+    n = slot_mapping.numel()
+    if out is None:
+        out = torch.empty(layout.chunk_shape(n), dtype=ref.dtype, device=ref.device)
+    else:
+        _check_chunk(out, layout, n, ref.dtype, ref.device)
+    if n == 0:
+        return out
+    impl = {"triton": _gather_triton, "torch": _gather_torch, "reference": gather_reference}
+    impl[_pick_backend(backend, ref.device)](pairs, layout, slot_mapping, out)
+    return out
+
+
+def scatter(chunk: torch.Tensor, kv_caches, layout: KVLayout, slot_mapping: torch.Tensor, *,
+            backend: str = "auto") -> None:
+    """Write `chunk` `[2, L, N, H*D]` into every layer's cache at `slot_mapping`, in place;
+    tokens whose slot is -1 are skipped. Slots other than -1 must be distinct."""
+    pairs = validate_caches(kv_caches, layout)
+    ref = pairs[0][0]
+    _check_slots(slot_mapping, layout, ref.device, distinct=True)
+    n = slot_mapping.numel()
+    _check_chunk(chunk, layout, n, ref.dtype, ref.device)
+    if n == 0:
+        return
+    impl = {"triton": _scatter_triton, "torch": _scatter_torch, "reference": scatter_reference}
+    impl[_pick_backend(backend, ref.device)](pairs, layout, slot_mapping, chunk)
+
+
+# =================================================================================== reference
+def _flat_index(layout: KVLayout, which: str, slots: torch.Tensor) -> torch.Tensor:
+    """int64 [N, H*D]: element offset inside one layer tensor of each (token, head, dim)."""
+    ax = layout.k if which == "k" else layout.v
+    blk, off = slots // layout.block_size, slots % layout.block_size            # [N], [N]
+    col = torch.arange(layout.hidden, device=slots.device)                        # [H*D]
+    head, dim = col // layout.head_size, col % layout.head_size                   # [H*D], [H*D]
+    row = ax.base + blk * ax.block + off * ax.offset                              # [N]
+    return row[:, None] + (head * ax.head + dim * ax.dim)[None, :]                # [N, H*D]
+
+
+def gather_reference(pairs, layout: KVLayout, slots: torch.Tensor, out: torch.Tensor) -> None:
+    """out[kv, l, n, h*D+d] = layer_l[addr_kv(slot_n, h, d)], zero where slot_n == -1."""
+    valid = slots >= 0                                                            # [N]
+    safe = torch.where(valid, slots, torch.zeros_like(slots))                     # [N]
+    for kv, which in enumerate(("k", "v")):
+        idx = _flat_index(layout, which, safe)                                    # [N, H*D]
+        for layer, pair in enumerate(pairs):
+            vals = pair[kv].reshape(-1)[idx]                                      # [N, H*D]
+            out[kv, layer] = torch.where(valid[:, None], vals, torch.zeros_like(vals))
+
+
+def scatter_reference(pairs, layout: KVLayout, slots: torch.Tensor, chunk: torch.Tensor) -> None:
+    """layer_l[addr_kv(slot_n, h, d)] = chunk[kv, l, n, h*D+d] for every slot_n != -1."""
+    valid = slots >= 0                                                            # [N]
+    for kv, which in enumerate(("k", "v")):
+        idx = _flat_index(layout, which, slots[valid])                            # [M, H*D]
+        for layer, pair in enumerate(pairs):
+            pair[kv].view(-1)[idx] = chunk[kv, layer][valid]                      # [M, H*D]
+
+
+# =================================================================================== torch path
+def _token_view(t: torch.Tensor, layout: KVLayout, which: str) -> tuple[torch.Tensor, bool]:
+    """A strided view of K (or V) of one layer tensor: `[num_slots, H, D]` when one stride walks
+    the slots (`flat=True`), else `[num_blocks, block_size, H, D]`."""
+    ax = layout.k if which == "k" else layout.v
+    b, bs, h, d = layout.num_blocks, layout.block_size, layout.num_kv_heads, layout.head_size
+    offset = t.storage_offset() + ax.base
+    if bs == 1 or ax.block == bs * ax.offset:
+        step = ax.block if bs == 1 else ax.offset
+        return t.as_strided((b * bs, h, d), (step, ax.head, ax.dim), offset), True
+    return t.as_strided((b, bs, h, d), (ax.block, ax.offset, ax.head, ax.dim), offset), False
+
+
+def _gather_torch(pairs, layout: KVLayout, slots: torch.Tensor, out: torch.Tensor) -> None:
+    n, h, d = slots.numel(), layout.num_kv_heads, layout.head_size
+    pad = slots < 0                                                               # [N]
+    has_pad = bool(pad.any())
+    safe = slots.clamp_min(0) if has_pad else slots                               # [N]
+    blk, off = safe // layout.block_size, safe % layout.block_size                # [N], [N]
+    for kv, which in enumerate(("k", "v")):
+        for layer, pair in enumerate(pairs):
+            view, flat = _token_view(pair[kv], layout, which)
+            dst = out[kv, layer].view(n, h, d)                                    # [N, H, D]
+            if flat:
+                torch.index_select(view, 0, safe, out=dst)
+            else:
+                dst.copy_(view[blk, off])                                         # [N, H, D]
+    if has_pad:
+        out[:, :, pad] = 0
+
+
+def _scatter_torch(pairs, layout: KVLayout, slots: torch.Tensor, chunk: torch.Tensor) -> None:
+    n, h, d = slots.numel(), layout.num_kv_heads, layout.head_size
+    valid = slots >= 0                                                            # [N]
+    if not bool(valid.all()):
+        chunk, slots = chunk[:, :, valid], slots[valid]                           # [2, L, M, H*D]
+        n = slots.numel()
+        if n == 0:
+            return
+    blk, off = slots // layout.block_size, slots % layout.block_size              # [M], [M]
+    for kv, which in enumerate(("k", "v")):
+        for layer, pair in enumerate(pairs):
+            view, flat = _token_view(pair[kv], layout, which)
+            src = chunk[kv, layer].view(n, h, d)                                  # [M, H, D]
+            if flat:
+                view.index_copy_(0, slots, src)
+            else:
+                view[blk, off] = src
+
+
+# =================================================================================== triton
+@triton.jit
+def _paged_copy_kernel(
+    cache_ptr,       # *T: base pointer, element 0 of layer 0's (K) tensor; every address below is
+                     #     an element offset from it
+    layer_base_ptr,  # *i64 [2, L]: offset from cache_ptr of (slot 0, head 0, dim 0) of K/V of layer l
+    strides_ptr,     # *i64 [2, 4]: (block, offset, head, dim) element strides of K and of V
+    slot_ptr,        # *i64 [N]: slot per token, -1 = padding (validated: -1 <= slot < num_slots)
+    chunk_ptr,       # *T [2, L, N, HD] contiguous: the chunk (written by gather, read by scatter)
+    N,               # number of tokens
+    L,               # number of layers
+    HD,              # H * D, elements of K (or V) per token per layer
+    HEAD_SIZE: tl.constexpr,   # D
+    BLOCK_SIZE: tl.constexpr,  # engine block size (slots per block)
+    BLOCK_T: tl.constexpr,     # tokens per program (power of two)
+    BLOCK_C: tl.constexpr,     # H*D columns per program (power of two)
+    TO_CACHE: tl.constexpr,    # False: gather (cache -> chunk), True: scatter (chunk -> cache)
+):
+    """Grid (cdiv(N, BLOCK_T), 2 * L, cdiv(HD, BLOCK_C)); program (t, kv * L + l, c) copies a
+    [BLOCK_T, BLOCK_C] tile of K (kv=0) or V (kv=1) of layer l. Padding rows: gather writes zeros,
+    scatter skips them. All index math is int64 before multiplying by strides."""
+    pid_t = tl.program_id(0)
+    pid_kl = tl.program_id(1)
+    pid_c = tl.program_id(2)
+    kv = pid_kl // L
+
+    tok = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)      # [BLOCK_T]
+    col = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)      # [BLOCK_C]
+    tok_in = tok < N
+    col_in = col < HD
+
+    slot = tl.load(slot_ptr + tok, mask=tok_in, other=-1)                        # [BLOCK_T] i64
+    valid = tok_in & (slot >= 0)
+    slot = tl.where(valid, slot, 0)
+    s_block = tl.load(strides_ptr + kv * 4 + 0)
+    s_off = tl.load(strides_ptr + kv * 4 + 1)
+    s_head = tl.load(strides_ptr + kv * 4 + 2)
+    s_dim = tl.load(strides_ptr + kv * 4 + 3)
+    base = tl.load(layer_base_ptr + pid_kl)
+
+    row = base + (slot // BLOCK_SIZE) * s_block + (slot % BLOCK_SIZE) * s_off    # [BLOCK_T]
+    colo = (col // HEAD_SIZE) * s_head + (col % HEAD_SIZE) * s_dim               # [BLOCK_C]
+    cache_off = row[:, None] + colo[None, :]                                     # [BLOCK_T, BLOCK_C]
+    chunk_off = (pid_kl.to(tl.int64) * N + tok)[:, None] * HD + col[None, :]     # [BLOCK_T, BLOCK_C]
+    if TO_CACHE:
+        x = tl.load(chunk_ptr + chunk_off, mask=tok_in[:, None] & col_in[None, :])
+        tl.store(cache_ptr + cache_off, x, mask=valid[:, None] & col_in[None, :])
+    else:
+        x = tl.load(cache_ptr + cache_off, mask=valid[:, None] & col_in[None, :], other=0.0)
+        tl.store(chunk_ptr + chunk_off, x, mask=tok_in[:, None] & col_in[None, :])
+
+
+_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _tables(pairs, layout: KVLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(layer_base [2, L] i64, strides [2, 4] i64) on the caches' device, cached per set of
+    tensors (engines allocate their caches once)."""
+    base = pairs[0][0]
+    size = base.element_size()
+    key = (layout, base.device, tuple((k.data_ptr(), v.data_ptr()) for k, v in pairs))
+    if key in _TABLES:
+        return _TABLES[key]
+    rows = []
+    for kv, ax in enumerate((layout.k, layout.v)):
+        row = []
+        for pair in pairs:
+            delta = pair[kv].data_ptr() - base.data_ptr()
+            if delta % size:
+                raise ValueError("kv_caches: layer tensors are not element-aligned with layer 0")
+            row.append(delta // size + ax.base)
+        rows.append(row)
+    layer_base = torch.tensor(rows, dtype=torch.int64, device=base.device)                # [2, L]
+    strides = torch.tensor([[ax.block, ax.offset, ax.head, ax.dim] for ax in (layout.k, layout.v)],
+                           dtype=torch.int64, device=base.device)                         # [2, 4]
+    if len(_TABLES) > 64:
+        _TABLES.clear()
+    _TABLES[key] = (layer_base, strides)
+    return layer_base, strides
+
+
+def _launch(pairs, layout: KVLayout, slots: torch.Tensor, chunk: torch.Tensor, to_cache: bool) -> None:
+    n, hd = slots.numel(), layout.hidden
+    layer_base, strides = _tables(pairs, layout)
+    block_c = min(triton.next_power_of_2(hd), 1024)
+    block_t = max(1, min(triton.next_power_of_2(n), 4096 // block_c))
+    grid = (triton.cdiv(n, block_t), 2 * layout.num_layers, triton.cdiv(hd, block_c))
+    _paged_copy_kernel[grid](
+        pairs[0][0], layer_base, strides, slots, chunk, n, layout.num_layers, hd,
+        HEAD_SIZE=layout.head_size, BLOCK_SIZE=layout.block_size, BLOCK_T=block_t,
+        BLOCK_C=block_c, TO_CACHE=to_cache, num_warps=4)
+
+
+def _gather_triton(pairs, layout, slots, out) -> None:
+    _launch(pairs, layout, slots, out, to_cache=False)
+
+
+def _scatter_triton(pairs, layout, slots, chunk) -> None:
+    _launch(pairs, layout, slots, chunk, to_cache=True)
