@@ -91,21 +91,64 @@ class DiskTierConfig:
 
 @dataclass
 class RedisTierConfig:
+    """Shared Redis tier; off while `url` is null. See docs/redis.md.
+
+    * `url`: redis://[user:password@]host:port[/db], rediss:// (TLS) or unix://; with
+      `cluster: true` the address of any cluster node (the rest are discovered).
+    * `username`/`password` override those in the URL (ACL user; password alone = `requirepass`).
+    * `db` overrides the URL's database number (cluster mode only has db 0).
+    * `ssl_ca_certs`, `ssl_certfile`/`ssl_keyfile` (client certificate): rediss:// only.
+    * `timeout_s`: bound on each wait of one operation (connect, each socket read); when it
+      passes, the chunk counts as a miss. `backoff_max_s`: longest wait between reconnect probes.
+    * `ttl_s`: optional expiry of stored chunks (refreshed when a request uses them).
+    * `max_chunk_bytes`: largest stored chunk accepted on write or read (caps what a hostile
+      value can make us allocate); the learned chunk layout tightens it to the exact size.
+    * `capacity_bytes`: Redis's own `maxmemory` is the budget (the tier never evicts); this value
+      is only reported as the capacity where the server does not tell its maxmemory.
+    """
     url: str | None = None
     key_prefix: str = "lmcache_lab"
     cluster: bool = False
+    db: int | None = None
     timeout_s: float = 0.5
+    backoff_max_s: float = 2.0
     ttl_s: int | None = None
     capacity_bytes: int | None = None
+    max_chunk_bytes: int = 256 * 2**20
     username: str | None = None
     password: str | None = None
     ssl_ca_certs: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
 
     def __post_init__(self):
-        if self.url is not None and not str(self.url).startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError(f"tiers.redis.url: {self.url!r} must start with redis://, rediss:// or unix://")
-        if self.timeout_s <= 0:
+        url = self.url
+        if url is not None and not str(url).startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"tiers.redis.url: {url!r} must start with redis://, rediss:// or unix://")
+        if not isinstance(self.timeout_s, (int, float)) or isinstance(self.timeout_s, bool) or self.timeout_s <= 0:
             raise ConfigError(f"tiers.redis.timeout_s: must be > 0, got {self.timeout_s!r}")
+        if not isinstance(self.backoff_max_s, (int, float)) or self.backoff_max_s <= 0:
+            raise ConfigError(f"tiers.redis.backoff_max_s: must be > 0, got {self.backoff_max_s!r}")
+        if self.ttl_s is not None and (not isinstance(self.ttl_s, int) or isinstance(self.ttl_s, bool)
+                                       or self.ttl_s <= 0):
+            raise ConfigError(f"tiers.redis.ttl_s: must be a positive number of seconds or null, got {self.ttl_s!r}")
+        if self.db is not None and (not isinstance(self.db, int) or isinstance(self.db, bool) or self.db < 0):
+            raise ConfigError(f"tiers.redis.db: must be an integer >= 0 or null, got {self.db!r}")
+        if not isinstance(self.key_prefix, str) or not re.fullmatch(r"[A-Za-z0-9_.:/{}-]+", self.key_prefix):
+            raise ConfigError(f"tiers.redis.key_prefix: must be a non-empty string of letters, digits "
+                              f"and _.:/{{}}-, got {self.key_prefix!r}")
+        if self.cluster and url is not None and str(url).startswith("unix://"):
+            raise ConfigError("tiers.redis.cluster: a Redis Cluster is reached over TCP, not unix://")
+        if self.cluster and self.db:
+            raise ConfigError(f"tiers.redis.db: Redis Cluster only has database 0, got {self.db!r}")
+        tls = [k for k in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile") if getattr(self, k)]
+        if tls and url is not None and not str(url).startswith("rediss://"):
+            raise ConfigError(f"tiers.redis.{tls[0]}: TLS options need a rediss:// url, got {url!r}")
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            raise ConfigError("tiers.redis.ssl_certfile/ssl_keyfile: a client certificate needs both")
+        self.max_chunk_bytes = parse_size(self.max_chunk_bytes, "tiers.redis.max_chunk_bytes")
+        if self.max_chunk_bytes <= 0:
+            raise ConfigError("tiers.redis.max_chunk_bytes: must be > 0")
         if self.capacity_bytes is not None:
             self.capacity_bytes = parse_size(self.capacity_bytes, "tiers.redis.capacity_bytes")
 

@@ -6,9 +6,11 @@ from lmcache_lab.policies import make_policy
 from lmcache_lab.tiers.base import BudgetedTier, TierStats, payload_nbytes
 from lmcache_lab.tiers.disk import DiskTier
 from lmcache_lab.tiers.memory import MemoryTier
+from lmcache_lab.tiers.redis import RedisTier, RedisTierError
 from lmcache_lab.tiers.tiered import TieredStore
 
-__all__ = ["BudgetedTier", "DiskTier", "MemoryTier", "TierStats", "TieredStore", "build_tiers", "payload_nbytes"]
+__all__ = ["BudgetedTier", "DiskTier", "MemoryTier", "RedisTier", "RedisTierError", "TierStats", "TieredStore",
+           "build_tiers", "payload_nbytes"]
 
 
 def build_tiers(config: CacheConfig) -> list[BudgetedTier]:
@@ -21,4 +23,7 @@ def build_tiers(config: CacheConfig) -> list[BudgetedTier]:
         tiers.append(MemoryTier(config.tiers.cpu.capacity_bytes, policy(), device=config.tiers.cpu.device))
     if config.tiers.disk.path:
         tiers.append(DiskTier(config.tiers.disk.path, config.tiers.disk.capacity_bytes, policy()))
+    if config.tiers.redis.url:
+        # Redis evicts by its own maxmemory policy (shared by all instances): no local policy.
+        tiers.append(RedisTier(config.tiers.redis))
     return tiers

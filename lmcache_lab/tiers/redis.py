@@ -1,0 +1,377 @@
+"""RedisTier: chunks shared by every engine instance that points at the same Redis (or Cluster).
+
+Capacity: Redis's own `maxmemory` + eviction policy is the budget, not our policy over a key
+budget. The store is shared: a local policy sees only this instance's writes and reads, so N
+instances with budget B each would allow N*B, evict chunks that other instances are using, and
+never know about the keys others wrote. The server is the one place that sees every access, so it
+alone evicts (`maxmemory-policy allkeys-lru` or `allkeys-lfu` recommended; `volatile-*` with
+`ttl_s`). We help it: a request's chunks are TOUCHed (or their TTL renewed) so a prefix that is hot
+in some instance's local tiers stays warm in Redis too. The tier reports the server's memory
+(`usage()`: used_memory, maxmemory, policy; summed over cluster primaries) as `used_bytes` and
+`capacity_bytes`. The price: Redis evicts by approximate LRU, not tail first, so an orphaned tail
+can linger until it ages out; lookups stop at the first missing chunk, so it is never loaded.
+
+Invariants:
+  * Every answer comes from Redis, not from a local index: `contains`, `prefix_length` (one
+    pipelined EXISTS round trip per endpoint), `get` (GETRANGE capped at the largest valid value,
+    so a hostile value cannot size an allocation) see chunks written by any instance.
+  * `get` returns only values that decode in the wire format (magic, version, checksum), name the
+    requested key, and match the chunk layout when known (learned from this instance's own writes or
+    set by `expect_layout`). Anything else is a counted miss (`stats.corrupt`) and is deleted, so
+    the next store rewrites it. Nothing read from Redis is ever unpickled.
+  * No Redis fault reaches the caller after start-up: a timeout or connection error on an endpoint
+    counts in `stats.errors` (`stats.timeouts`), answers its chunks as misses, and opens that
+    endpoint's breaker; requests then skip it at once (`stats.skipped`) while a background probe
+    reconnects with backoff. Start-up raises `RedisTierError` only for misconfiguration (wrong
+    credentials, missing ACL rights, TLS mismatch or untrusted certificate); a server that is down
+    at start-up only makes the tier unavailable.
+  * Writes are `SET NX` of content-addressed keys: two writers of one key store equal bytes, and
+    the second write is a no-op. Batch forms (`get_many`, `put_many`, `exists_many`) are one
+    pipeline per endpoint (the server, or each cluster node owning some of the keys).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import redis
+import torch
+from redis.cluster import RedisClusterException
+from redis.exceptions import OutOfMemoryError
+
+from lmcache_lab import wire
+from lmcache_lab.config import RedisTierConfig
+from lmcache_lab.tiers.base import BudgetedTier, Key, TierStats, payload_nbytes
+from lmcache_lab.tiers.breaker import Breaker
+from lmcache_lab.tiers.redis_client import (SERVER, UNROUTED, Backend, RedisTierError, is_moved,
+                                            redact, startup_error)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RedisTier", "RedisTierError", "RedisTierStats", "RedisUsage"]
+
+FAILED = object()  # an operation that got no answer (endpoint down, timeout): a miss
+_NETWORK = (redis.ConnectionError, redis.TimeoutError, OSError)
+Layout = tuple[tuple[str, str, tuple[int, ...]], ...]
+
+
+@dataclass
+class RedisTierStats(TierStats):
+    timeouts: int = 0   # operations that hit timeout_s (also counted in errors)
+    skipped: int = 0    # chunk operations answered as misses because their endpoint was down
+
+
+@dataclass
+class RedisUsage:
+    available: bool
+    endpoints_down: list[str]
+    used_bytes: int | None       # server used_memory (all data, not only ours), summed over primaries
+    maxmemory: int | None        # 0: unlimited
+    maxmemory_policy: str | None
+
+
+def layout_of(tensors: dict[str, torch.Tensor]) -> Layout:
+    return tuple((name, wire._NAMES.get(t.dtype, str(t.dtype)), tuple(t.shape)) for name, t in tensors.items())
+
+
+def layout_nbytes(layout: Layout) -> int:
+    return sum(math.prod(shape) * wire.DTYPES[dtype].itemsize for _, dtype, shape in layout)
+
+
+class RedisTier(BudgetedTier):
+    name = "redis"
+
+    def __init__(self, config: RedisTierConfig, expected: dict[str, torch.Tensor] | None = None):
+        if not config.url:
+            raise ValueError("RedisTier needs tiers.redis.url")
+        super().__init__(config.capacity_bytes or 0, policy=None)  # Redis evicts; no local policy
+        self.config = config
+        self.stats = RedisTierStats()
+        self._prefix = f"{config.key_prefix}:v{wire.VERSION}:"
+        self._layout: Layout | None = layout_of(expected) if expected else None
+        self._oom_logged = False
+        self.backend = Backend(config)
+        self.breaker = Breaker(f"redis tier {redact(config.url)}", max_s=config.backoff_max_s)
+        self._start()
+
+    # ---- start-up ---------------------------------------------------------------------------------
+    def _start(self) -> None:
+        first = UNROUTED if self.config.cluster else SERVER
+        if not self._startup_check(first, self.backend.connect):
+            return
+        for endpoint, client in self.backend.masters():
+            self._startup_check(endpoint, lambda c=client: c.exists(self._prefix + "startup-check"))
+        usage = self.usage()
+        if usage.available and usage.maxmemory == 0:
+            log.warning("redis tier: the server has no maxmemory; chunks accumulate until Redis runs "
+                        "out of memory. Set maxmemory and maxmemory-policy allkeys-lru (docs/redis.md)")
+        elif usage.maxmemory_policy == "noeviction":
+            log.warning("redis tier: maxmemory-policy is noeviction; writes fail once Redis is full")
+
+    def _startup_check(self, endpoint: str, check: Callable[[], Any]) -> bool:
+        try:
+            check()
+            return True
+        except (redis.RedisError, RedisClusterException, OSError) as e:
+            message = startup_error(e, self.config.url)
+            if message:
+                self.close()
+                raise RedisTierError(message) from e
+            self.breaker.trip(endpoint, self._recovery(endpoint), f"at start-up: {e!r}")
+            return False
+
+    # ---- keys and layout ----------------------------------------------------------------------------
+    def redis_key(self, key: bytes) -> bytes:
+        return (self._prefix + key.hex()).encode()
+
+    def expect_layout(self, example: dict[str, torch.Tensor]) -> None:
+        """Fix the chunk layout (tensor names, dtypes, shapes): values that differ are misses and
+        the read cap becomes the exact chunk size. Learned from the first write otherwise."""
+        self._layout = layout_of(example)
+
+    def _max_value_bytes(self) -> int:
+        payload = layout_nbytes(self._layout) if self._layout else self.config.max_chunk_bytes
+        return wire._PREFIX.size + wire.MAX_HEADER + payload
+
+    @property
+    def available(self) -> bool:
+        """True when every endpoint is reachable (a cluster with a dead node is not)."""
+        return self.breaker.all_closed
+
+    # ---- the pipelined core ---------------------------------------------------------------------------
+    def _run(self, keys: Sequence[bytes], command: Callable[[Any, int, bytes], None]) -> list[Any]:
+        """Run `command(pipe, i, redis_key)` for each `keys[i]`, one pipeline per endpoint. Returns per key
+        the reply, the per-command error object, or FAILED (no answer: counted, breaker tripped)."""
+        out: list[Any] = [FAILED] * len(keys)
+        for endpoint, client, idx in self.backend.groups(keys):
+            if client is None or self.breaker.is_open(endpoint):
+                self.stats.skipped += len(idx)
+                continue
+            pipe = client.pipeline(transaction=False)
+            for i in idx:
+                command(pipe, i, self.redis_key(keys[i]))
+            try:
+                replies = pipe.execute(raise_on_error=False)
+            except _NETWORK as e:
+                self.stats.errors += 1
+                if isinstance(e, (redis.TimeoutError, TimeoutError)):
+                    self.stats.timeouts += 1
+                self.breaker.trip(endpoint, self._recovery(endpoint), repr(e))
+                continue
+            except redis.RedisError as e:
+                self.stats.errors += 1
+                log.warning("redis tier: pipeline on %s failed: %r", endpoint, e)
+                continue
+            for i, reply in zip(idx, replies):
+                if isinstance(reply, Exception) and is_moved(reply):
+                    self.backend.refresh_topology()
+                    reply = FAILED
+                    self.stats.errors += 1
+                out[i] = reply
+        return out
+
+    def _recovery(self, endpoint: str) -> Callable[[], None]:
+        probe = self.backend.probe(endpoint)
+
+        def recover():
+            probe()
+            for name, client in self.backend.masters():  # drop sockets left broken by the fault
+                if name == endpoint or endpoint in (SERVER, UNROUTED):
+                    client.connection_pool.disconnect(inuse_connections=False)
+        return recover
+
+    # ---- batch operations -----------------------------------------------------------------------------
+    def exists_many(self, keys: Sequence[bytes]) -> list[bool]:
+        replies = self._run(keys, lambda p, i, k: p.exists(k))
+        return [r is not FAILED and not isinstance(r, Exception) and int(r) > 0 for r in replies]
+
+    def get_many(self, keys: Sequence[bytes]) -> list[dict[str, torch.Tensor] | None]:
+        """Verified values (or None) for `keys`; one pipelined GETRANGE per endpoint."""
+        cap = self._max_value_bytes()
+        replies = self._run(keys, lambda p, i, k: p.getrange(k, 0, cap))
+        out: list[dict[str, torch.Tensor] | None] = []
+        bad: list[bytes] = []
+        for key, data in zip(keys, replies):
+            value = self._verify(key, data, cap)
+            if value is None:
+                self.stats.misses += 1
+                if data is not FAILED and (isinstance(data, Exception) or data):
+                    bad.append(key)
+            else:
+                self.stats.hits += 1
+                self.stats.bytes_read += len(data)
+            out.append(value)
+        if bad:
+            self._run(bad, lambda p, i, k: p.delete(k))
+        return out
+
+    def _verify(self, key: bytes, data: Any, cap: int) -> dict[str, torch.Tensor] | None:
+        if data is FAILED or (isinstance(data, (bytes, bytearray)) and not data):
+            return None  # no answer, or absent
+        why = None
+        if isinstance(data, Exception):
+            why = f"unreadable ({data})"
+        elif len(data) > cap:
+            why = f"larger than the {cap}-byte cap"
+        else:
+            try:
+                payload_cap = cap - wire._PREFIX.size - wire.MAX_HEADER
+                tensors = wire.decode(data, expected_key=key, max_payload=payload_cap).tensors
+            except wire.WireError as e:
+                why = str(e)
+            else:
+                if self._layout is None or layout_of(tensors) == self._layout:
+                    return tensors
+                why = f"layout {layout_of(tensors)} differs from the expected {self._layout}"
+        self.stats.corrupt += 1
+        log.warning("redis tier: value under %s is not a valid chunk (%s); deleting it",
+                    self.redis_key(key).decode(), why)
+        return None
+
+    def put_many(self, items: Sequence[tuple[bytes, dict[str, torch.Tensor], bytes | None, int]]) -> list[bool]:
+        """Store (key, tensors, parent, position) items; True where the key is in Redis afterwards."""
+        encoded: list[bytes | None] = []
+        for key, value, parent, position in items:
+            layout = layout_of(value)
+            if payload_nbytes(value) > self.config.max_chunk_bytes:
+                refused = f"larger than max_chunk_bytes={self.config.max_chunk_bytes}"
+            elif self._layout is not None and layout != self._layout:
+                refused = f"layout {layout} differs from {self._layout}; reads would refuse it"
+            else:
+                refused = None
+                self._layout = self._layout or layout  # learned from our own data: trusted
+            if refused:
+                self.stats.rejected += 1
+                log.warning("redis tier: not storing a chunk %s", refused)
+                encoded.append(None)
+                continue
+            encoded.append(wire.encode(key, value, parent=parent, position=position))
+        todo = [i for i, d in enumerate(encoded) if d is not None]
+        keys = [items[i][0] for i in todo]
+        ttl = self.config.ttl_s
+        replies = self._run(keys, lambda p, j, k: p.set(k, encoded[todo[j]], nx=True, ex=ttl))
+        ok = [False] * len(items)
+        for i, reply in zip(todo, replies):
+            if reply is FAILED:
+                continue
+            if isinstance(reply, Exception):
+                self._write_refused(reply)
+                continue
+            ok[i] = True
+            if reply:  # written now (None: another writer had stored it already)
+                self.stats.inserts += 1
+                self.stats.bytes_written += len(encoded[i])
+        return ok
+
+    def _write_refused(self, error: Exception) -> None:
+        self.stats.rejected += 1
+        if isinstance(error, OutOfMemoryError) or "maxmemory" in str(error):
+            if not self._oom_logged:
+                self._oom_logged = True
+                log.warning("redis tier: Redis is full and does not evict (%s); set maxmemory-policy "
+                            "allkeys-lru", error)
+        else:
+            self.stats.errors += 1
+            log.warning("redis tier: write refused: %s", error)
+
+    # ---- the tier interface ---------------------------------------------------------------------------
+    def contains(self, key: Key) -> bool:
+        return self.exists_many([key])[0]
+
+    __contains__ = contains
+
+    def prefix_length(self, keys: Sequence[Key]) -> int:
+        """Leading keys present in Redis, asked in one pipelined round trip per endpoint."""
+        n = 0
+        for present in self.exists_many(list(keys)):
+            if not present:
+                break
+            n += 1
+        return n
+
+    def get(self, key: Key) -> Any | None:
+        return self.get_many([key])[0]
+
+    def put(self, key: Key, value: Any, parent: Key | None = None, position: int = 0) -> bool:
+        return self.put_many([(key, value, parent, position)])[0]
+
+    def touch(self, chain: Sequence[Key]) -> None:
+        """Tell Redis's LRU/LFU (or the TTL) that a request used these chunks."""
+        if not chain:
+            return
+        ttl = self.config.ttl_s
+        self._run(list(chain), (lambda p, i, k: p.expire(k, ttl)) if ttl else (lambda p, i, k: p.touch(k)))
+
+    def delete(self, key: Key) -> bool:
+        if key in self._pins:
+            raise RuntimeError(f"{self.name}: cannot delete a pinned chunk")
+        reply = self._run([key], lambda p, i, k: p.delete(k))[0]
+        return reply is not FAILED and not isinstance(reply, Exception) and int(reply) > 0
+
+    def _scan(self):
+        """(client, redis keys) batches of every key under our prefix, on every primary."""
+        for endpoint, client in self.backend.masters():
+            if self.breaker.is_open(endpoint):
+                continue
+            batch = []
+            for rkey in client.scan_iter(match=self._prefix + "*", count=1000):
+                batch.append(rkey)
+                if len(batch) == 1000:
+                    yield client, batch
+                    batch = []
+            if batch:
+                yield client, batch
+
+    def keys(self) -> list[Key]:
+        """Chunk keys under our prefix on every reachable endpoint (a SCAN: admin use, O(keys))."""
+        n = len(self._prefix)
+        return [bytes.fromhex(k[n:].decode()) for _, batch in self._scan() for k in batch]
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def clear(self) -> None:
+        """Delete every chunk under our key prefix, for all instances sharing it."""
+        for client, batch in self._scan():
+            client.unlink(*batch)
+
+    def usage(self) -> RedisUsage:
+        """Server memory (used_memory summed over reachable primaries, maxmemory, policy); also sets
+        `used_bytes` and `capacity_bytes` (config `capacity_bytes` if the server does not say)."""
+        used = maxmem = None
+        policy = None
+        for endpoint, client in self.backend.masters():
+            if self.breaker.is_open(endpoint):
+                continue
+            try:
+                info = client.info("memory")
+            except _NETWORK as e:
+                self.breaker.trip(endpoint, self._recovery(endpoint), repr(e))
+                continue
+            except redis.RedisError as e:  # INFO may be denied by ACL: usage unknown
+                log.info("redis tier: cannot read server memory on %s: %s", endpoint, e)
+                continue
+            used = (used or 0) + int(info.get("used_memory", 0))
+            maxmem = (maxmem or 0) + int(info.get("maxmemory", 0))
+            policy = info.get("maxmemory_policy", policy)
+        if used is not None:
+            self.used_bytes = used
+        if maxmem:
+            self.capacity_bytes = maxmem
+        return RedisUsage(self.available, self.breaker.open_endpoints(), used, maxmem, policy)
+
+    def close(self) -> None:
+        self.breaker.close()
+        self.backend.close()
+
+    # BudgetedTier's hooks are not used: Redis holds the data and evicts by itself.
+    def _write(self, key, value, nbytes):
+        raise NotImplementedError("RedisTier writes through put_many")
+
+    def _read(self, key):
+        raise NotImplementedError("RedisTier reads through get_many")
+
+    def _drop(self, key):
+        raise NotImplementedError("RedisTier deletes through delete")

@@ -1,0 +1,206 @@
+"""Real `redis-server` processes for the Redis tier's integration tests.
+
+Every server listens on 127.0.0.1 only, on a free port, with persistence off (`--save ""
+--appendonly no`), and is killed at teardown. `RedisProcess` can be killed (SIGKILL), paused
+(SIGSTOP: a server that accepts connections but never answers) and restarted on the same port, which
+is how the fault tests simulate outages. Tests that need these are marked `redis` and skipped when
+`redis-server` is not installed (scripts/setup.sh installs it).
+"""
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+REDIS_SERVER = shutil.which("redis-server")
+REDIS_CLI = shutil.which("redis-cli")
+HOST = "127.0.0.1"
+ACL_USER, ACL_PASSWORD, DEFAULT_PASSWORD = "app", "app-secret", "default-secret"
+
+
+def pytest_collection_modifyitems(config, items):
+    if REDIS_SERVER and REDIS_CLI:
+        return
+    skip = pytest.mark.skip(reason="redis-server/redis-cli not installed (run scripts/setup.sh)")
+    for item in items:
+        if "redis" in item.keywords:
+            item.add_marker(skip)
+
+
+def free_port(cluster: bool = False) -> int:
+    """A free loopback port (and, for cluster nodes, its bus port +10000 free too)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind((HOST, 0))
+            port = s.getsockname()[1]
+        if not cluster:
+            return port
+        if port + 10000 < 65536:
+            try:
+                with socket.socket() as s:
+                    s.bind((HOST, port + 10000))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port")
+
+
+class RedisProcess:
+    """One redis-server. `url` is its redis:// (or rediss://) address."""
+
+    def __init__(self, workdir: Path, args: list[str] | None = None, tls: dict | None = None,
+                 cluster: bool = False):
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.args = list(args or [])
+        self.tls = tls
+        self.cluster = cluster
+        self.port = free_port(cluster)
+        self.proc: subprocess.Popen | None = None
+        self.paused = False
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"{'rediss' if self.tls else 'redis'}://{HOST}:{self.port}"
+
+    def command(self) -> list[str]:
+        cmd = [REDIS_SERVER, "--bind", HOST, "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
+               "--protected-mode", "no", "--loglevel", "warning"]
+        if self.tls:
+            cmd += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", self.tls["cert"],
+                    "--tls-key-file", self.tls["key"], "--tls-ca-cert-file", self.tls["ca"],
+                    "--tls-auth-clients", "optional"]
+        else:
+            cmd += ["--port", str(self.port)]
+        if self.cluster:
+            cmd += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                    "--cluster-node-timeout", "1000", "--cluster-require-full-coverage", "no"]
+        return cmd + self.args
+
+    def start(self, timeout: float = 10.0) -> None:
+        log = open(self.workdir / "redis.log", "ab")
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited: {(self.workdir / 'redis.log').read_text()[-2000:]}")
+            try:
+                with socket.create_connection((HOST, self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError(f"redis-server on port {self.port} did not start")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            if self.paused:
+                self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def pause(self) -> None:
+        self.proc.send_signal(signal.SIGSTOP)
+        self.paused = True
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+        self.paused = False
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+    def cli(self, *args: str, password: str | None = None) -> str:
+        """Run redis-cli against this (non-TLS) server."""
+        cmd = [REDIS_CLI, "-h", HOST, "-p", str(self.port)]
+        if password:
+            cmd += ["--no-auth-warning", "-a", password]
+        out = subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=30)
+        return out.stdout.strip()
+
+
+@pytest.fixture
+def redis_factory(tmp_path):
+    """Start servers with `redis_factory(args=[...], tls=..., cluster=...)`; all killed after."""
+    servers: list[RedisProcess] = []
+
+    def make(**kw) -> RedisProcess:
+        server = RedisProcess(tmp_path / f"redis-{len(servers)}", **kw)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.kill()
+
+
+@pytest.fixture
+def redis_server(redis_factory) -> RedisProcess:
+    """A plain server with a 64 MiB maxmemory and LRU eviction (the configuration we document)."""
+    return redis_factory(args=["--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru"])
+
+
+@pytest.fixture
+def redis_auth(redis_factory) -> RedisProcess:
+    """`requirepass` for the default user, plus an ACL user `app` limited to our key prefix."""
+    return redis_factory(args=["--requirepass", DEFAULT_PASSWORD,
+                               "--user", ACL_USER, "on", f">{ACL_PASSWORD}", "~lmcache_lab:*", "+@all",
+                               "--user", "elsewhere", "on", ">elsewhere", "~other:*", "+@all"])
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory) -> dict:
+    """A self-signed certificate for 127.0.0.1 (CA = the certificate itself), made with openssl."""
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                    "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    return {"cert": str(cert), "key": str(key), "ca": str(cert)}
+
+
+@pytest.fixture
+def redis_tls(redis_factory, tls_files) -> RedisProcess:
+    return redis_factory(tls=tls_files)
+
+
+@pytest.fixture
+def redis_cluster(redis_factory):
+    """Three masters, no replicas, `cluster-require-full-coverage no` (a dead node only loses its
+    slots). Returns the list of nodes; the cluster is formed and all slots are served."""
+    nodes = [redis_factory(cluster=True) for _ in range(3)]
+    out = subprocess.run([REDIS_CLI, "--cluster", "create", *[f"{HOST}:{n.port}" for n in nodes],
+                          "--cluster-replicas", "0", "--cluster-yes"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if all("cluster_state:ok" in n.cli("CLUSTER", "INFO") for n in nodes):
+            return nodes
+        time.sleep(0.1)
+    raise RuntimeError("cluster did not reach cluster_state:ok")
+
+
+def _wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+@pytest.fixture
+def wait_until():
+    """`wait_until(predicate, timeout)`: poll until true; returns the last answer."""
+    return _wait_until
