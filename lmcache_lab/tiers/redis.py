@@ -82,6 +82,7 @@ def layout_nbytes(layout: Layout) -> int:
 
 class RedisTier(BudgetedTier):
     name = "redis"
+    encodes = True
 
     def __init__(self, config: RedisTierConfig, expected: dict[str, torch.Tensor] | None = None):
         if not config.url:
@@ -102,7 +103,11 @@ class RedisTier(BudgetedTier):
         if not self._startup_check(first, self.backend.connect):
             return
         for endpoint, client in self.backend.masters():
-            self._startup_check(endpoint, lambda c=client: c.exists(self._prefix + "startup-check"))
+            self._startup_check(endpoint, client.ping)
+        probe = (self._prefix + "startup-check").encode()  # does the ACL let us use our prefix?
+        for endpoint, client, _ in self.backend.groups([probe]):
+            if client is not None and not self.breaker.is_open(endpoint):
+                self._startup_check(endpoint, lambda c=client: c.exists(probe))
         usage = self.usage()
         if usage.available and usage.maxmemory == 0:
             log.warning("redis tier: the server has no maxmemory; chunks accumulate until Redis runs "
@@ -145,13 +150,14 @@ class RedisTier(BudgetedTier):
         """Run `command(pipe, i, redis_key)` for each `keys[i]`, one pipeline per endpoint. Returns per key
         the reply, the per-command error object, or FAILED (no answer: counted, breaker tripped)."""
         out: list[Any] = [FAILED] * len(keys)
-        for endpoint, client, idx in self.backend.groups(keys):
+        rkeys = [self.redis_key(k) for k in keys]
+        for endpoint, client, idx in self.backend.groups(rkeys):
             if client is None or self.breaker.is_open(endpoint):
                 self.stats.skipped += len(idx)
                 continue
             pipe = client.pipeline(transaction=False)
             for i in idx:
-                command(pipe, i, self.redis_key(keys[i]))
+                command(pipe, i, rkeys[i])
             try:
                 replies = pipe.execute(raise_on_error=False)
             except _NETWORK as e:
@@ -296,6 +302,22 @@ class RedisTier(BudgetedTier):
 
     def put(self, key: Key, value: Any, parent: Key | None = None, position: int = 0) -> bool:
         return self.put_many([(key, value, parent, position)])[0]
+
+    def put_chain(self, keys: Sequence[Key], values: Sequence[Any] | Any, parent: Key | None = None,
+                  position: int = 0, step: int = 0) -> int:
+        """Pipelined write of consecutive chunks of one prefix chain (`keys[i]`'s parent is
+        `keys[i-1]`); returns how many leading keys are in Redis afterwards."""
+        per_key = isinstance(values, (list, tuple))
+        items = []
+        for i, key in enumerate(keys):
+            items.append((key, values[i] if per_key else values, parent, position + i * step))
+            parent = key
+        n = 0
+        for ok in self.put_many(items):
+            if not ok:
+                break
+            n += 1
+        return n
 
     def touch(self, chain: Sequence[Key]) -> None:
         """Tell Redis's LRU/LFU (or the TTL) that a request used these chunks."""

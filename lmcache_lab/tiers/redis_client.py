@@ -20,8 +20,9 @@ from typing import Sequence
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
-from redis.exceptions import (AuthenticationError, AuthorizationError, NoPermissionError,
-                              RedisClusterException, ResponseError, SlotNotCoveredError)
+from redis.exceptions import (AskError, AuthenticationError, AuthorizationError, ClusterDownError,
+                              MovedError, NoPermissionError, RedisClusterException, SlotNotCoveredError,
+                              TryAgainError)
 from redis.retry import Retry
 
 from lmcache_lab.config import RedisTierConfig
@@ -159,7 +160,8 @@ class Backend:
 
     # ---- routing ----------------------------------------------------------------------------------
     def groups(self, keys: Sequence[bytes]) -> list[tuple[str, redis.Redis | None, list[int]]]:
-        """[(endpoint, client or None, indices into keys)]; client None: the keys cannot be routed."""
+        """[(endpoint, client or None, indices into keys)] for full Redis keys; client None: the
+        keys cannot be routed (no slot map, or a slot no node serves)."""
         if not self.cluster:
             return [(SERVER, self._client, list(range(len(keys))))]
         rc = self._client
@@ -192,4 +194,5 @@ class Backend:
 
 
 def is_moved(exc: BaseException) -> bool:
-    return isinstance(exc, ResponseError) and str(exc).startswith(("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN"))
+    """A cluster redirection or transient cluster state: our slot map is stale."""
+    return isinstance(exc, (MovedError, AskError, ClusterDownError, TryAgainError))
