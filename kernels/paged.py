@@ -149,53 +149,142 @@ def scatter_reference(pairs, layout: KVLayout, slots: torch.Tensor, chunk: torch
 
 
 # =================================================================================== torch path
-def _token_view(t: torch.Tensor, layout: KVLayout, which: str) -> tuple[torch.Tensor, bool]:
-    """A strided view of K (or V) of one layer tensor: `[num_slots, H, D]` when one stride walks
-    the slots (`flat=True`), else `[num_blocks, block_size, H, D]`."""
-    ax = layout.k if which == "k" else layout.v
+# Strategy: view K (or V) of a group of layers as one strided tensor, so each copy covers many
+# layers. Layouts whose slots are one stride apart (vLLM flash, SGLang, vLLM CPU V) use one
+# index_select / index_copy_ per group. vLLM CPU K is transposed inside each block, so every copy
+# is an element transpose; there the slot mapping is split into runs of consecutive slots inside
+# one block (a chunk of whole blocks has one run per block) and each run is one strided copy,
+# falling back to advanced indexing when the slots are scattered.
+_MAX_RUN_FRACTION = 8      # use runs when there are at most N / 8 of them (and at most 64)
+
+
+def _groups(pairs, layout: KVLayout, kv: int) -> list[tuple[slice, torch.Tensor, bool]]:
+    """[(layer slice, view, flat)]: `view` is `[Lg, num_slots, H, D]` when `flat` (one stride walks
+    the slots), else `[Lg, num_blocks, block_size, H, D]`. All layers form one group when their
+    tensors are evenly spaced in one storage (vLLM's shared buffer, a stacked tensor)."""
+    ax = layout.k if kv == 0 else layout.v
     b, bs, h, d = layout.num_blocks, layout.block_size, layout.num_kv_heads, layout.head_size
-    offset = t.storage_offset() + ax.base
-    if bs == 1 or ax.block == bs * ax.offset:
-        step = ax.block if bs == 1 else ax.offset
-        return t.as_strided((b * bs, h, d), (step, ax.head, ax.dim), offset), True
-    return t.as_strided((b, bs, h, d), (ax.block, ax.offset, ax.head, ax.dim), offset), False
+    flat = bs == 1 or ax.block == bs * ax.offset
+    step = ax.block if bs == 1 else ax.offset
+    tensors = [pair[kv] for pair in pairs]
+    size = tensors[0].element_size()
+    deltas = {t.data_ptr() - tensors[0].data_ptr() for t in tensors[1:2]}
+    gap = deltas.pop() // size if deltas else 0
+    stacked = (len(tensors) == 1 or (
+        gap > 0 and all(t.untyped_storage().data_ptr() == tensors[0].untyped_storage().data_ptr()
+                        and t.data_ptr() - tensors[0].data_ptr() == i * gap * size
+                        for i, t in enumerate(tensors))))
+    chunks = [(slice(0, len(tensors)), tensors[0])] if stacked else \
+        [(slice(i, i + 1), t) for i, t in enumerate(tensors)]
+    out = []
+    for layers, t in chunks:
+        lg, offset = layers.stop - layers.start, t.storage_offset() + ax.base
+        if flat:
+            view = t.as_strided((lg, b * bs, h, d), (gap, step, ax.head, ax.dim), offset)
+        else:
+            view = t.as_strided((lg, b, bs, h, d), (gap, ax.block, ax.offset, ax.head, ax.dim), offset)
+        out.append((layers, view, flat))
+    return out
+
+
+def _runs(slots: torch.Tensor, block_size: int | None) -> list[tuple[int, int, int]] | None:
+    """Maximal runs of consecutive valid slots (inside one block when `block_size` is given), as
+    (first token, end token, first slot); None when there are too many runs for per-run copies
+    to pay off."""
+    n = slots.numel()
+    valid = slots >= 0                                                            # [N]
+    cont = torch.zeros_like(valid)                                                # [N]
+    cont[1:] = valid[1:] & valid[:-1] & (slots[1:] == slots[:-1] + 1)
+    if block_size is not None:
+        cont[1:] &= slots[1:] % block_size != 0
+    nxt = torch.zeros_like(valid)                                                 # [N]
+    nxt[:-1] = cont[1:]
+    starts = (valid & ~cont).nonzero().flatten()                                  # [R]
+    if starts.numel() > min(64, max(1, n // _MAX_RUN_FRACTION)):
+        return None
+    ends = (valid & ~nxt).nonzero().flatten() + 1                                 # [R]
+    return list(zip(starts.tolist(), ends.tolist(), slots[starts].tolist()))
+
+
+class _Plan:
+    """How one slot mapping is copied, computed lazily once per call and shared by all groups."""
+
+    def __init__(self, slots: torch.Tensor, block_size: int):
+        self.slots, self.block_size = slots, block_size
+        self.valid = slots >= 0                                                   # [N]
+        self.all_valid = bool(self.valid.all())
+        self._cache: dict[str, object] = {}
+
+    def runs(self, flat: bool):
+        key = "flat" if flat else "block"
+        if key not in self._cache:
+            self._cache[key] = _runs(self.slots, None if flat else self.block_size)
+        return self._cache[key]
+
+    def compact(self) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(token positions kept or None when all are valid, their slots)."""
+        if "compact" not in self._cache:
+            if self.all_valid:
+                self._cache["compact"] = (None, self.slots)
+            else:
+                keep = self.valid.nonzero().flatten()                             # [M]
+                self._cache["compact"] = (keep, self.slots[keep])
+        return self._cache["compact"]
+
+    def safe(self) -> torch.Tensor:
+        """Slots with padding replaced by 0 (gather reads slot 0, then zeroes those rows)."""
+        return self.slots if self.all_valid else self.slots.clamp_min(0)
+
+
+def _run_view(view: torch.Tensor, flat: bool, s0: int, length: int, bs: int) -> torch.Tensor:
+    """[Lg, length, H, D] view of `length` consecutive slots starting at slot s0."""
+    if flat:
+        return view[:, s0:s0 + length]
+    return view[:, s0 // bs, s0 % bs:s0 % bs + length]
 
 
 def _gather_torch(pairs, layout: KVLayout, slots: torch.Tensor, out: torch.Tensor) -> None:
-    n, h, d = slots.numel(), layout.num_kv_heads, layout.head_size
-    pad = slots < 0                                                               # [N]
-    has_pad = bool(pad.any())
-    safe = slots.clamp_min(0) if has_pad else slots                               # [N]
-    blk, off = safe // layout.block_size, safe % layout.block_size                # [N], [N]
-    for kv, which in enumerate(("k", "v")):
-        for layer, pair in enumerate(pairs):
-            view, flat = _token_view(pair[kv], layout, which)
-            dst = out[kv, layer].view(n, h, d)                                    # [N, H, D]
-            if flat:
-                torch.index_select(view, 0, safe, out=dst)
+    n, h, d, bs = slots.numel(), layout.num_kv_heads, layout.head_size, layout.block_size
+    plan = _Plan(slots, bs)
+    for kv in (0, 1):
+        for layers, view, flat in _groups(pairs, layout, kv):
+            dst = out[kv, layers].view(-1, n, h, d)                               # [Lg, N, H, D]
+            runs = plan.runs(flat)
+            if runs is not None:
+                for t0, t1, s0 in runs:
+                    dst[:, t0:t1].copy_(_run_view(view, flat, s0, t1 - t0, bs))
+                if not plan.all_valid:
+                    dst[:, ~plan.valid] = 0
+            elif flat:
+                safe = plan.safe()
+                for i in range(view.shape[0]):
+                    torch.index_select(view[i], 0, safe, out=dst[i])              # [N, H, D]
             else:
-                dst.copy_(view[blk, off])                                         # [N, H, D]
-    if has_pad:
-        out[:, :, pad] = 0
+                safe = plan.safe()
+                dst.copy_(view[:, safe // bs, safe % bs])                         # [Lg, N, H, D]
+    if not plan.all_valid:
+        out[:, :, ~plan.valid] = 0
 
 
 def _scatter_torch(pairs, layout: KVLayout, slots: torch.Tensor, chunk: torch.Tensor) -> None:
-    n, h, d = slots.numel(), layout.num_kv_heads, layout.head_size
-    valid = slots >= 0                                                            # [N]
-    if not bool(valid.all()):
-        chunk, slots = chunk[:, :, valid], slots[valid]                           # [2, L, M, H*D]
-        n = slots.numel()
-        if n == 0:
-            return
-    blk, off = slots // layout.block_size, slots % layout.block_size              # [M], [M]
-    for kv, which in enumerate(("k", "v")):
-        for layer, pair in enumerate(pairs):
-            view, flat = _token_view(pair[kv], layout, which)
-            src = chunk[kv, layer].view(n, h, d)                                  # [M, H, D]
+    n, h, d, bs = slots.numel(), layout.num_kv_heads, layout.head_size, layout.block_size
+    plan = _Plan(slots, bs)
+    for kv in (0, 1):
+        for layers, view, flat in _groups(pairs, layout, kv):
+            src = chunk[kv, layers].view(-1, n, h, d)                             # [Lg, N, H, D]
+            runs = plan.runs(flat)
+            if runs is not None:
+                for t0, t1, s0 in runs:
+                    _run_view(view, flat, s0, t1 - t0, bs).copy_(src[:, t0:t1])
+                continue
+            keep, slots_v = plan.compact()
+            if keep is not None:
+                src = src.index_select(1, keep)                                   # [Lg, M, H, D]
             if flat:
-                view.index_copy_(0, slots, src)
+                for i in range(view.shape[0]):
+                    view[i].index_copy_(0, slots_v, src[i])                       # [M, H, D]
             else:
-                view[blk, off] = src
+                view[:, slots_v // bs, slots_v % bs] = src                        # [Lg, M, H, D]
 
 
 # =================================================================================== triton
