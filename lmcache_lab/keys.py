@@ -10,8 +10,10 @@ trailing partial chunk is never stored, so hits are always a multiple of `chunk_
 """
 from __future__ import annotations
 
+import array
 import hashlib
 import json
+import sys
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -43,8 +45,23 @@ def _hasher(name: str):
     raise ValueError(f"hash: {name!r} is not allowed; choose one of xxh3_128, sha256")
 
 
-def tokens_to_array(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
-    """Token ids as a contiguous little-endian uint32 array (the bytes that get hashed)."""
+assert array.array("I").itemsize == 4, "token hashing expects 4-byte unsigned ints"
+
+
+def token_bytes(tokens: Sequence[int] | np.ndarray) -> bytes:
+    """Token ids as little-endian uint32 bytes (what gets hashed), validated to fit.
+
+    Lists (what engines pass) go through `array.array`, about 4x faster than numpy for Python ints;
+    arrays and tensors are converted without a Python loop.
+    """
+    if isinstance(tokens, (list, tuple)):
+        try:
+            arr = array.array("I", tokens)
+        except (OverflowError, TypeError) as e:
+            raise ValueError(f"tokens: token ids must be integers in 0..2**32-1 ({e})") from None
+        if sys.byteorder != "little":
+            arr.byteswap()
+        return arr.tobytes()
     if hasattr(tokens, "numpy") and not isinstance(tokens, np.ndarray):  # torch.Tensor
         tokens = tokens.detach().cpu().numpy()
     arr = np.asarray(tokens)
@@ -52,7 +69,7 @@ def tokens_to_array(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
         raise ValueError(f"tokens: expected a 1-D sequence of token ids, got shape {arr.shape}")
     if arr.size and (arr.dtype.kind not in "iu" or arr.min() < 0 or arr.max() > 0xFFFFFFFF):
         raise ValueError("tokens: token ids must be integers in 0..2**32-1")
-    return np.ascontiguousarray(arr, dtype="<u4")
+    return np.ascontiguousarray(arr, dtype="<u4").tobytes()
 
 
 class ChunkKeyer:
@@ -71,11 +88,10 @@ class ChunkKeyer:
 
     def keys(self, tokens: Sequence[int] | np.ndarray, max_chunks: int | None = None) -> list[bytes]:
         """Keys of the full chunks of `tokens` (at most `max_chunks`), in prefix order."""
-        data = tokens_to_array(tokens)
-        n = len(data) // self.chunk_size
+        buf = memoryview(token_bytes(tokens))
+        n = len(buf) // (4 * self.chunk_size)
         if max_chunks is not None:
             n = min(n, max_chunks)
-        buf = memoryview(data[: n * self.chunk_size].tobytes())
         step = self.chunk_size * 4
         h, prev, out = self._h, self.root, []
         for i in range(n):

@@ -44,26 +44,34 @@ class EvictionPolicy:
         return not self._children.get(key)
 
     def on_insert(self, key: Key, nbytes: int, parent: Key | None = None, position: int = 0) -> None:
-        assert key not in self._parent, "on_insert of a resident key"
-        if parent is not None and parent not in self._parent:
-            parent = None  # the parent is not in this tier: the chunk is a root here
-        self._parent[key] = parent
+        parents = self._parent
+        assert key not in parents, "on_insert of a resident key"
         if parent is not None:
-            n = self._children.get(parent, 0)
-            self._children[parent] = n + 1
-            if n == 0:
-                self._leaf_changed(parent, False)
+            if parent in parents:
+                children = self._children
+                n = children.get(parent, 0)
+                children[parent] = n + 1
+                if n == 0:
+                    self._leaf_changed(parent, False)
+            else:
+                parent = None  # the parent is not in this tier: the chunk is a root here
+        parents[key] = parent
         self._inserted(key, nbytes, position)
 
     def on_remove(self, key: Key) -> None:
         parent = self._parent.pop(key)
-        self._children.pop(key, None)
-        if parent is not None and parent in self._parent:
-            n = self._children[parent] - 1
+        children = self._children
+        if key in children:  # removing a non-leaf (an explicit delete): its children become roots
+            del children[key]
+            for k, p in self._parent.items():
+                if p == key:
+                    self._parent[k] = None
+        if parent is not None:
+            n = children[parent] - 1
             if n:
-                self._children[parent] = n
+                children[parent] = n
             else:
-                del self._children[parent]
+                del children[parent]
                 self._leaf_changed(parent, True)
         self._removed(key)
 
@@ -73,11 +81,20 @@ class EvictionPolicy:
         for key in reversed(chain):
             self._hit(key)
 
-    def victim(self, can_evict: Callable[[Key], bool] = lambda k: True) -> Key | None:
+    def victim(self, can_evict: Callable[[Key], bool] | None = None) -> Key | None:
+        """The next chunk to evict: a leaf for which `can_evict` (None: anything) holds."""
+        children = self._children
         for key in self._candidates():
-            if not self._children.get(key) and can_evict(key):
+            if key not in children and (can_evict is None or can_evict(key)):
                 return key
         return None
+
+    def pop_victim(self, can_evict: Callable[[Key], bool] | None = None) -> Key | None:
+        """`victim` and `on_remove` in one call: the eviction step of a tier."""
+        key = self.victim(can_evict)
+        if key is not None:
+            self.on_remove(key)
+        return key
 
     # ---- what a policy implements ------------------------------------------------------------
     def _inserted(self, key: Key, nbytes: int, position: int) -> None:

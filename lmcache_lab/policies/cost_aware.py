@@ -58,7 +58,7 @@ class CostAwarePolicy(EvictionPolicy):
         else:
             self._version[key] = None
 
-    def victim(self, can_evict=lambda k: True):
+    def victim(self, can_evict=None):
         skipped = []
         found = None
         while self._heap:
@@ -66,7 +66,7 @@ class CostAwarePolicy(EvictionPolicy):
             if self._version.get(key) != v:
                 heapq.heappop(self._heap)  # stale
                 continue
-            if can_evict(key):
+            if can_evict is None or can_evict(key):
                 found = key
                 self.clock = prio
                 break

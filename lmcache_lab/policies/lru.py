@@ -22,5 +22,10 @@ class LRUPolicy(EvictionPolicy):
     def _removed(self, key):
         del self._order[key]
 
+    def on_access(self, chain):
+        move = self._order.move_to_end
+        for key in reversed(chain):
+            move(key)
+
     def _candidates(self):
-        return iter(self._order)
+        return self._order

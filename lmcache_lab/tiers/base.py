@@ -23,9 +23,9 @@ Key = Hashable
 
 def payload_nbytes(value: Any) -> int:
     """Bytes of a payload: a dict of tensors, or anything with `.nbytes` (a tensor, a placeholder)."""
-    if isinstance(value, dict):
+    if type(value) is dict:
         return sum(t.nbytes for t in value.values())
-    return int(value.nbytes)
+    return value.nbytes
 
 
 @dataclass
@@ -43,6 +43,7 @@ class TierStats:
 
 class BudgetedTier:
     name = "tier"
+    encodes = False  # True where the stored size depends on encoding the value (disk, Redis)
 
     def __init__(self, capacity_bytes: int, policy: EvictionPolicy):
         assert capacity_bytes >= 0
@@ -103,7 +104,7 @@ class BudgetedTier:
         if key in self._sizes:
             return True
         nbytes = self._stored_nbytes(key, value, parent, position)
-        if nbytes > self.capacity_bytes or not self._make_room(nbytes):
+        if self.used_bytes + nbytes > self.capacity_bytes and not self._make_room(nbytes, parent):
             self.stats.rejected += 1
             return False
         if not self._write(key, value, nbytes):
@@ -111,10 +112,41 @@ class BudgetedTier:
             return False
         self._sizes[key] = nbytes
         self.used_bytes += nbytes
-        self.stats.inserts += 1
-        self.stats.bytes_written += nbytes
+        stats = self.stats
+        stats.inserts += 1
+        stats.bytes_written += nbytes
         self.policy.on_insert(key, nbytes, parent, position)
         return True
+
+    def put_chain(self, keys: Sequence[Key], values: Sequence[Any] | Any, parent: Key | None = None,
+                  position: int = 0, step: int = 0) -> int:
+        """Store consecutive chunks of one prefix chain: `keys[i]` has parent `keys[i-1]` (the first
+        has `parent`) and starts at token `position + i*step`. `values` is one value per key, or a
+        single value used for every key. Returns how many leading keys are resident afterwards
+        (stops at the first refused chunk: a child without its parent would be an orphan).
+        Making room never evicts the chain's own parent (it is a leaf until its child lands; its
+        ancestors are not leaves). The batch form of `put`, for the store path and the replay."""
+        sizes, stats, on_insert, write = self._sizes, self.stats, self.policy.on_insert, self._write
+        per_key = isinstance(values, (list, tuple))
+        fixed = None if per_key or self.encodes else payload_nbytes(values)
+        for i, key in enumerate(keys):
+            if key not in sizes:
+                value = values[i] if per_key else values
+                pos = position + i * step
+                nbytes = fixed or self._stored_nbytes(key, value, parent, pos)
+                if self.used_bytes + nbytes > self.capacity_bytes and not self._make_room(nbytes, parent):
+                    stats.rejected += 1
+                    return i
+                if not write(key, value, nbytes):
+                    stats.errors += 1
+                    return i
+                sizes[key] = nbytes
+                self.used_bytes += nbytes
+                stats.inserts += 1
+                stats.bytes_written += nbytes
+                on_insert(key, nbytes, parent, pos)
+            parent = key
+        return len(keys)
 
     def get(self, key: Key) -> Any | None:
         if key not in self._sizes:
@@ -144,15 +176,27 @@ class BudgetedTier:
             if key not in self._pins:
                 self.delete(key)
 
-    def _make_room(self, nbytes: int) -> bool:
+    def _make_room(self, nbytes: int, protect: Key | None = None) -> bool:
+        """Evict policy victims, never a pinned key nor `protect`, until `nbytes` more fit.
+        False when only protected chunks are left or it can never fit."""
+        if nbytes > self.capacity_bytes:
+            return False
+        pins = self._pins
+        if protect is not None:
+            def can_evict(k): return k != protect and k not in pins
+        else:
+            can_evict = self._evictable if pins else None
+        pop_victim = self.policy.pop_victim
+        sizes, drop, evicted = self._sizes, self._drop, 0
         while self.used_bytes + nbytes > self.capacity_bytes:
-            victim = self.policy.victim(self._evictable)
-            if victim is None:
-                return False
-            self._drop(victim)
-            self._forget(victim)
-            self.stats.evictions += 1
-        return True
+            key = pop_victim(can_evict)
+            if key is None:
+                break
+            drop(key)
+            self.used_bytes -= sizes.pop(key)
+            evicted += 1
+        self.stats.evictions += evicted
+        return self.used_bytes + nbytes <= self.capacity_bytes
 
     def _forget(self, key: Key) -> None:
         self.used_bytes -= self._sizes.pop(key)

@@ -26,6 +26,7 @@ class DiskTier(BudgetedTier):
     Keys are bytes (chunk keys).
     """
     name = "disk"
+    encodes = True
 
     def __init__(self, path: str | os.PathLike, capacity_bytes: int, policy,
                  max_payload: int | None = None):

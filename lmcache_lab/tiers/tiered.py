@@ -38,6 +38,11 @@ class TieredStore:
             stored |= tier.put(key, value, parent, position)
         return stored
 
+    def put_chain(self, keys: Sequence[Key], values: Sequence[Any], parent: Key | None = None,
+                  position: int = 0, step: int = 0) -> int:
+        """`BudgetedTier.put_chain` on every tier; how many leading keys the best tier holds."""
+        return max((tier.put_chain(keys, values, parent, position, step) for tier in self.tiers), default=0)
+
     def get(self, key: Key, parent: Key | None = None, position: int = 0) -> Any | None:
         for i, tier in enumerate(self.tiers):
             if not tier.contains(key):

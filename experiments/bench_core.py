@@ -1,0 +1,124 @@
+"""Core benchmarks, each a ratio against a baseline measured in the same run:
+
+  1. chunk keys/s of `ChunkKeyer` (xxh3_128 and sha256 over the token bytes) vs a plain-Python
+     per-chunk sha256 that packs each token by hand;
+  2. trace-replay throughput (requests/s) of the real tier + policy objects vs a bare
+     `OrderedDict` LRU loop over the same trace.
+
+    python -m lmcache_lab.experiments.bench_core [--trace PATH] [--repeat 3]
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from collections import OrderedDict
+
+import numpy as np
+
+from lmcache_lab.cost import LLAMA3_8B
+from lmcache_lab.experiments.replay import replay
+from lmcache_lab.experiments.trace import load_trace, unique_blocks
+from lmcache_lab.keys import ChunkKeyer, Namespace
+from lmcache_lab.policies import POLICIES, make_policy
+from lmcache_lab.tiers import MemoryTier
+
+
+def plain_python_keys(tokens: list[int], chunk_size: int) -> list[bytes]:
+    """Baseline: per chunk, pack each token with int.to_bytes and sha256 the chain."""
+    prev, out = b"namespace", []
+    for start in range(0, len(tokens) - chunk_size + 1, chunk_size):
+        data = b"".join(t.to_bytes(4, "little") for t in tokens[start:start + chunk_size])
+        prev = hashlib.sha256(prev + data).digest()
+        out.append(prev)
+    return out
+
+
+def best_of(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def bench_hashing(num_tokens: int = 32768, chunk_size: int = 256, repeat: int = 5) -> dict:
+    tokens = np.random.default_rng(0).integers(0, 128_000, num_tokens).tolist()
+    chunks = num_tokens // chunk_size
+    base = best_of(lambda: plain_python_keys(tokens, chunk_size), repeat)
+    out = {"tokens": num_tokens, "chunks": chunks, "baseline_keys_per_s": chunks / base}
+    for h in ("xxh3_128", "sha256"):
+        keyer = ChunkKeyer(Namespace("bench"), chunk_size, h)
+        t = best_of(lambda: keyer.keys(tokens), repeat)
+        out[f"{h}_keys_per_s"] = chunks / t
+        out[f"{h}_us_per_chunk"] = t / chunks * 1e6
+        out[f"{h}_speedup"] = base / t
+    return out
+
+
+def bare_lru_loop(requests, capacity_blocks: int) -> float:
+    """Baseline: the simplest LRU prefix-cache simulation, an OrderedDict and nothing else."""
+    cache: OrderedDict = OrderedDict()
+    hits = total = 0
+    for req in requests:
+        ids = req.hash_ids
+        n = 0
+        while n < len(ids) and ids[n] in cache:
+            n += 1
+        hits += n
+        total += len(ids)
+        for key in ids:
+            if key in cache:
+                cache.move_to_end(key)
+            else:
+                cache[key] = None
+                if len(cache) > capacity_blocks:
+                    cache.popitem(last=False)
+    return hits / max(1, total)
+
+
+def bench_replay(trace: str | None, fraction: float = 0.05, repeat: int = 3) -> dict:
+    requests = load_trace(trace)
+    cap = int(fraction * unique_blocks(requests))
+    block_bytes = 512 * LLAMA3_8B.kv_bytes_per_token
+    base = best_of(lambda: bare_lru_loop(requests, cap), repeat)
+    out = {"trace": str(trace), "requests": len(requests), "capacity_blocks": cap,
+           "bare_lru_req_per_s": len(requests) / base}
+    for name in sorted(POLICIES):
+        def run():
+            return replay(requests, MemoryTier(cap * block_bytes, make_policy(name, 512)), LLAMA3_8B)
+        t = best_of(run, repeat)
+        out[f"{name}_req_per_s"] = len(requests) / t
+        out[f"{name}_vs_bare"] = base / t
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--trace", default="sample", help="Mooncake-format trace (default: the shipped sample)")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args(argv)
+    h = bench_hashing(repeat=args.repeat)
+    print(f"chunk hashing, {h['tokens']} tokens in {h['chunks']} chunks of 256 (best of {args.repeat}):")
+    print(f"  plain-Python sha256 baseline   {h['baseline_keys_per_s']:>12,.0f} keys/s   1.00x")
+    for name in ("xxh3_128", "sha256"):
+        print(f"  ChunkKeyer {name:<10}          {h[name + '_keys_per_s']:>12,.0f} keys/s "
+              f"{h[name + '_speedup']:>6.1f}x   ({h[name + '_us_per_chunk']:.2f} us/chunk)")
+    r = bench_replay(args.trace, repeat=args.repeat)
+    print(f"\ntrace replay, {r['requests']} requests, capacity {r['capacity_blocks']} blocks "
+          f"(5% of unique), best of {args.repeat}:")
+    print(f"  bare OrderedDict LRU loop      {r['bare_lru_req_per_s']:>12,.0f} req/s    1.00x")
+    for name in sorted(POLICIES):
+        print(f"  replay {name:<22}  {r[name + '_req_per_s']:>12,.0f} req/s  {r[name + '_vs_bare']:>5.2f}x")
+    result = {"hashing": h, "replay": r}
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
