@@ -174,6 +174,8 @@ def _groups(pairs, layout: KVLayout, kv: int) -> list[tuple[slice, torch.Tensor,
         gap > 0 and all(t.untyped_storage().data_ptr() == tensors[0].untyped_storage().data_ptr()
                         and t.data_ptr() - tensors[0].data_ptr() == i * gap * size
                         for i, t in enumerate(tensors))))
+    if not stacked:
+        gap = 0                                    # one layer per group: the stride is unused
     chunks = [(slice(0, len(tensors)), tensors[0])] if stacked else \
         [(slice(i, i + 1), t) for i, t in enumerate(tensors)]
     out = []
