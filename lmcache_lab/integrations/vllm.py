@@ -1,0 +1,306 @@
+"""Drop-in vLLM connector: `LMCacheLabConnector`.
+
+    LLM(model, kv_transfer_config={
+        "kv_connector": "LMCacheLabConnector",
+        "kv_connector_module_path": "lmcache_lab.integrations.vllm",
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": {"chunk_size": 256, "tiers": {"disk": {"path": "/tmp/kv"}}}})
+
+The extra config takes the keys of `lmcache_lab.config` (or `{"config_file": "<yaml>"}`).
+
+Flow of one request (invariants in `vllm_plan.py` and `vllm_cache.py`):
+  scheduler  get_num_new_matched_tokens  ask the worker's cache over a local socket: it keys the
+                                         prompt, counts the cached prefix and pins those chunks
+             update_state_after_alloc    remember the token range to load (or release the pins)
+             build_connector_meta        LoadSpec / StoreSpec (token ranges + slots), releases
+  worker     start_load_kv               read the chunks, scatter them into the paged cache; a
+                                         shortfall marks the blocks invalid -> vLLM recomputes
+             wait_for_save               gather the step's newly full chunks (fresh tensors) into
+                                         the memory tier; slower tiers are written behind the step
+             build_connector_worker_meta metric deltas travel back to the scheduler process,
+                                         which serves the Prometheus endpoint
+
+The worker and the scheduler may share a process (vLLM's `uni` executor) or not (`mp`, always on
+CPU): the socket works for both. With tensor parallelism each rank keeps its own shard of every
+chunk (the rank is in the namespace) and a hit is the minimum over ranks.
+
+A cache fault is a counted miss: an exception while loading marks the request's blocks invalid
+(recomputed by vLLM; `kv_load_failure_policy` is set to "recompute"), one while storing drops
+that chunk; neither reaches the engine.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorWorkerMetadata,
+)
+
+from lmcache_lab.config import CacheConfig, load_config
+from lmcache_lab.engine import CacheEngine
+from lmcache_lab.integrations.vllm_cache import LookupClient, WorkerCache, socket_path
+from lmcache_lab.integrations.vllm_plan import LoadSpec, Planner, StepPlan, StoreSpec, loadable_chunks
+from lmcache_lab.keys import Namespace
+from lmcache_lab.kernels.layout import KVLayout
+from lmcache_lab.kernels.paged import gather, scatter
+from lmcache_lab.metrics import CacheMetrics, MetricsDelta
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+log = logging.getLogger(__name__)
+
+# Attention backend name -> KVLayout constructor (the engine says which; we never assume).
+LAYOUTS = {"CPU_ATTN": "vllm_cpu", "FLASH_ATTN": "vllm_flash"}
+
+
+# ================================================================================= metadata
+@dataclass
+class LMCacheLabConnectorMetadata(KVConnectorMetadata):
+    loads: list[LoadSpec] = field(default_factory=list)
+    stores: list[StoreSpec] = field(default_factory=list)
+    release: list[str] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LMCacheLabWorkerMetadata(KVConnectorWorkerMetadata):
+    delta: MetricsDelta
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        assert isinstance(other, LMCacheLabWorkerMetadata)
+        return LMCacheLabWorkerMetadata(self.delta.aggregate(other.delta))
+
+
+# ================================================================================= namespace
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def make_namespace(vllm_config: "VllmConfig", config: CacheConfig, layout: KVLayout,
+                   kv_dtype: torch.dtype, tp_rank: int, tp_size: int) -> Namespace:
+    """Everything that makes this engine's KV bytes differ from another's."""
+    mc = vllm_config.model_config
+    model = f"{mc.model}@{mc.revision or ''}"
+    shape = (f"{layout.name}:L{layout.num_layers}:bs{layout.block_size}:"
+             f"H{layout.num_kv_heads}:D{layout.head_size}")
+    return Namespace(model=model, kv_dtype=_dtype_name(kv_dtype), layout=shape, tp_rank=tp_rank,
+                     tp_size=tp_size, codec=config.codec)
+
+
+# ================================================================================= connector
+class LMCacheLabConnector(KVConnectorBase_V1):
+    """KV-cache reuse for vLLM through lmcache_lab's chunk store (see the module docstring)."""
+
+    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
+                 kv_cache_config: "KVCacheConfig | None" = None):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
+        self.config = load_config(extra)
+        self.block_size = vllm_config.cache_config.block_size
+        self.engine_id = str(self._kv_transfer_config.engine_id)
+        self._authkey = ("lmcache_lab:" + self.engine_id).encode()
+        kv_role = self._kv_transfer_config.kv_role
+        self.load_enabled = kv_role in ("kv_both", "kv_consumer")
+        self.store_enabled = kv_role in ("kv_both", "kv_producer")
+        # worker side
+        self._cache: WorkerCache | None = None
+        self._layout: KVLayout | None = None
+        self._layers: list[torch.Tensor] = []
+        self._invalid_blocks: set[int] = set()
+        # scheduler side
+        self._planner: Planner | None = None
+        self._client: LookupClient | None = None
+        self.metrics: CacheMetrics | None = None
+        self.metrics_port: int | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            # A cache fault must cost a recompute, never a failed request.
+            self._kv_transfer_config.kv_load_failure_policy = "recompute"
+            tp = vllm_config.parallel_config.tensor_parallel_size
+            self._client = LookupClient([socket_path(self.engine_id, r) for r in range(tp)],
+                                        self._authkey)
+            self._planner = Planner(self.config.chunk_size, self.block_size, self._lookup,
+                                    load_enabled=self.load_enabled,
+                                    store_enabled=self.store_enabled)
+            self.metrics = CacheMetrics()
+            if self.config.metrics.port is not None:
+                self.metrics_port = self.metrics.serve(int(self.config.metrics.port),
+                                                       self.config.metrics.host)
+            if self.config.chunk_size % self.block_size:
+                log.warning("lmcache_lab: chunk_size %d is not a multiple of the block size %d: "
+                            "hits may end mid-block (supported)", self.config.chunk_size,
+                            self.block_size)
+
+    # ------------------------------------------------------------------ scheduler side
+    def _lookup(self, req_id: str, prompt, max_chunks: int, skip: int) -> int:
+        errors = self._client.errors
+        hit = self._client.lookup(req_id, prompt, max_chunks, skip)
+        if self._client.errors != errors:
+            self.metrics.lookup_errors.inc(self._client.errors - errors)
+        return hit
+
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int
+                                   ) -> tuple[int | None, bool]:
+        prompt = request.prompt_token_ids
+        if prompt is None or getattr(request, "mm_features", None):
+            return 0, False   # prompt embeddings / multimodal inputs: KV depends on more than ids
+        planner = self._planner
+        ext, _hit = planner.match(request.request_id, prompt, num_computed_tokens)
+        t = planner.requests[request.request_id]
+        if not t.counted:
+            t.counted = True
+            lookup = loadable_chunks(len(prompt), planner.chunk_size) * planner.chunk_size
+            self.metrics.record_lookup(lookup, ext, min(num_computed_tokens, lookup))
+        return ext, False
+
+    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
+                                 num_external_tokens: int):
+        self._planner.allocated(request.request_id, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        new = [(r.req_id, r.block_ids[0], r.num_computed_tokens)
+               for r in scheduler_output.scheduled_new_reqs]
+        c = scheduler_output.scheduled_cached_reqs
+        cached = [(rid, (c.new_block_ids[i] or (None,))[0], rid in c.resumed_req_ids,
+                   c.num_computed_tokens[i]) for i, rid in enumerate(c.req_ids)]
+        plan: StepPlan = self._planner.step(new, cached, scheduler_output.num_scheduled_tokens)
+        return LMCacheLabConnectorMetadata(plan.loads, plan.stores, plan.release, plan.finished)
+
+    def update_connector_output(self, connector_output: "KVConnectorOutput"):
+        meta = connector_output.kv_connector_worker_meta
+        if isinstance(meta, LMCacheLabWorkerMetadata) and self.metrics is not None:
+            self.metrics.apply(meta.delta)
+
+    def request_finished(self, request: "Request", block_ids: list[int]
+                         ) -> tuple[bool, dict[str, Any] | None]:
+        self._planner.finished(request.request_id)
+        return False, None   # stores finish within each step: the blocks may be freed now
+
+    # ------------------------------------------------------------------ worker side
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
+        from vllm.distributed import (get_tensor_model_parallel_rank,
+                                      get_tensor_model_parallel_world_size)
+
+        names = list(kv_caches)
+        ctx = self._vllm_config.compilation_config.static_forward_context
+        backends = {ctx[n].attn_backend.get_name() for n in names if n in ctx}
+        if len(backends) != 1 or next(iter(backends)) not in LAYOUTS:
+            raise ValueError(f"lmcache_lab: attention backend(s) {sorted(backends)} not supported; "
+                             f"supported: {', '.join(LAYOUTS)}")
+        self._layers = [kv_caches[n] for n in names]
+        self._layout = KVLayout.from_tensors(LAYOUTS[next(iter(backends))], self._layers)
+        rank = get_tensor_model_parallel_rank()
+        ns = make_namespace(self._vllm_config, self.config, self._layout, self._layers[0].dtype,
+                            rank, get_tensor_model_parallel_world_size())
+        self._cache = WorkerCache(CacheEngine(self.config, namespace=ns))
+        self._cache.serve(socket_path(self.engine_id, rank), self._authkey)
+        atexit.register(self._cache.close)
+        log.info("lmcache_lab: %s layout, %d layers, chunk_size %d, tiers %s, namespace %s",
+                 self._layout.name, self._layout.num_layers, self.config.chunk_size,
+                 [t.name for t in self._cache.engine.tiers], ns)
+
+    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        if self._cache is None:
+            return
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, LMCacheLabConnectorMetadata)
+        for req_id in meta.release:
+            self._cache.release(req_id)
+        for req_id in meta.finished:
+            self._cache.forget(req_id)
+        for spec in meta.loads:
+            self._load(spec)
+
+    def _load(self, spec: LoadSpec) -> None:
+        cs = self.config.chunk_size
+        t0 = time.perf_counter()
+        first, last = spec.start // cs, -(-spec.end // cs)
+        loaded_to = spec.start          # tokens [spec.start, loaded_to) are in the engine
+        try:
+            chunks = self._cache.read(spec.req_id, first, last)
+            device = self._layers[0].device
+            slots = torch.from_numpy(spec.slots).to(device)
+            for i, chunk in enumerate(chunks, first):
+                a, b = max(spec.start, i * cs), min(spec.end, (i + 1) * cs)
+                part = chunk if b - a == cs else chunk[:, :, a - i * cs:b - i * cs].contiguous()
+                scatter(part.to(device, non_blocking=True), self._layers, self._layout,
+                        slots[a - spec.start:b - spec.start])
+                loaded_to = b
+        except Exception:
+            log.exception("lmcache_lab: loading request %s failed; its blocks are recomputed",
+                          spec.req_id)
+            with self._cache.lock:
+                self._cache.engine.stats.load_failures += 1
+        if loaded_to < spec.end:
+            # vLLM recomputes from the first invalid block on (a partly loaded block included).
+            failed = spec.slots[loaded_to - spec.start:] // self.block_size
+            self._invalid_blocks.update(np.unique(failed).tolist())
+        self._cache.deltas.observe_load(time.perf_counter() - t0)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads are synchronous: done before the forward pass starts
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor,
+                      attn_metadata: "AttentionMetadata", **kwargs: Any) -> None:
+        return  # all layers are copied at once after the forward pass (wait_for_save)
+
+    def wait_for_save(self):
+        if self._cache is None or not self.has_connector_metadata():
+            return
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, LMCacheLabConnectorMetadata)
+        for spec in meta.stores:
+            self._store(spec)
+
+    def _store(self, spec: StoreSpec) -> None:
+        cs = self.config.chunk_size
+        keys, missing = self._cache.missing(spec.req_id, spec.first_chunk, spec.last_chunk)
+        if not missing:
+            return
+        t0 = time.perf_counter()
+        slots = torch.from_numpy(spec.slots).to(self._layers[0].device)
+        for i in missing:
+            try:
+                off = (i - spec.first_chunk) * cs
+                chunk = gather(self._layers, self._layout, slots[off:off + cs])  # [2, L, cs, H*D]
+                self._cache.write(keys, i, chunk if chunk.device.type == "cpu" else chunk.cpu())
+            except Exception:
+                log.exception("lmcache_lab: storing chunk %d of request %s failed; it will be "
+                              "a miss", i, spec.req_id)
+                with self._cache.lock:
+                    self._cache.store_failures += 1
+        self._cache.deltas.observe_store(time.perf_counter() - t0)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        out, self._invalid_blocks = self._invalid_blocks, set()
+        return out
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        if self._cache is None:
+            return None
+        delta = self._cache.take_delta()
+        return None if delta is None else LMCacheLabWorkerMetadata(delta)
+
+    def shutdown(self):
+        if self._cache is not None:
+            self._cache.close()
+        if self._client is not None:
+            self._client.close()
+        if self.metrics is not None:
+            self.metrics.close()

@@ -1,0 +1,186 @@
+"""Scheduler-side planning of the vLLM connector, free of vLLM imports (unit-tested on its own).
+
+Per request the planner keeps a `RequestTracker`; per engine step it emits a `StepPlan`: which
+chunks to load into which slots before the forward pass, and which newly computed full chunks to
+copy out after it. Token positions, chunk indices and slots relate as
+
+    chunk i   = prompt tokens [i * chunk_size, (i + 1) * chunk_size)
+    slot(t)   = block_ids[t // block_size] * block_size + t % block_size
+
+Invariants:
+  * a reported hit is a whole number of chunks, ends at most at `len(prompt) - 1` (at least one
+    prompt token is always computed, so the engine has logits to sample from), and covers only
+    chunks that the cache found present *and pinned in the same critical section*: nothing can
+    evict them before the worker has loaded them;
+  * pins belong to the request inside the cache (worker side); they are dropped after its load,
+    when it is looked up again, when the scheduler declines the hit, or when it finishes;
+  * each full prompt chunk is planned for storing once, in the step that completes it (chunked
+    prefill completes a long prompt's chunks over several steps);
+  * slot mappings are built with numpy, never with a Python loop over tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+
+def slot_mapping(block_ids: np.ndarray, block_size: int, start: int, end: int) -> np.ndarray:
+    """int64 slots of tokens [start, end) of a request whose blocks are `block_ids`."""
+    tok = np.arange(start, end, dtype=np.int64)                                  # [end - start]
+    if tok.size and tok[-1] // block_size >= len(block_ids):
+        raise ValueError(f"slot_mapping: token {end - 1} needs block {tok[-1] // block_size}, "
+                         f"the request has {len(block_ids)} blocks")
+    return block_ids[tok // block_size] * block_size + tok % block_size          # [end - start]
+
+
+def loadable_chunks(prompt_len: int, chunk_size: int) -> int:
+    """Chunks a hit may cover: full chunks that leave at least one prompt token to compute."""
+    return max(0, prompt_len - 1) // chunk_size
+
+
+@dataclass
+class LoadSpec:
+    """Load the request's cached chunks covering tokens [start, end) into `slots`; then release
+    the request's pins."""
+    req_id: str
+    start: int
+    end: int
+    slots: np.ndarray       # int64 [end - start]
+
+
+@dataclass
+class StoreSpec:
+    """Store full chunks [first_chunk, last_chunk) of the request; `slots` cover their tokens."""
+    req_id: str
+    first_chunk: int
+    last_chunk: int
+    slots: np.ndarray       # int64 [(last_chunk - first_chunk) * chunk_size]
+
+
+@dataclass
+class StepPlan:
+    loads: list[LoadSpec] = field(default_factory=list)
+    stores: list[StoreSpec] = field(default_factory=list)
+    release: list[str] = field(default_factory=list)    # drop these requests' pins (no load)
+    finished: list[str] = field(default_factory=list)   # forget these requests entirely
+
+
+@dataclass
+class RequestTracker:
+    req_id: str
+    prompt_len: int
+    num_chunks: int                   # full prompt chunks
+    hit_chunks: int = 0               # leading chunks the lookup found (and the worker pinned)
+    load: tuple[int, int] | None = None                 # token range to load, once allocated
+    block_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    stored_chunks: int = 0            # chunks [0, stored_chunks) are present or planned
+    counted: bool = False             # lookup metrics recorded once per request
+
+    @property
+    def done(self) -> bool:
+        return self.stored_chunks >= self.num_chunks and self.load is None
+
+
+Lookup = Callable[[str, Sequence[int], int, int], int]
+"""lookup(req_id, prompt, max_chunks, skip_chunks) -> chunks present among the first max_chunks;
+the cache pins those beyond skip_chunks for this request, in the same critical section."""
+
+
+class Planner:
+    """Scheduler-side state of the connector. The cache (in the worker) owns keys and pins per
+    request; the planner owns token ranges, block ids and what to tell the worker each step."""
+
+    def __init__(self, chunk_size: int, block_size: int, lookup: Lookup,
+                 load_enabled: bool = True, store_enabled: bool = True):
+        assert chunk_size > 0 and block_size > 0
+        self.chunk_size, self.block_size = chunk_size, block_size
+        self._lookup = lookup
+        self.load_enabled, self.store_enabled = load_enabled, store_enabled
+        self.requests: dict[str, RequestTracker] = {}
+        self._release: list[str] = []
+        self._finished: list[str] = []
+
+    # ---- lookup (get_num_new_matched_tokens) ----------------------------------------------------
+    def match(self, req_id: str, prompt: Sequence[int], num_computed: int) -> tuple[int, int]:
+        """Returns (tokens to load beyond `num_computed`, hit tokens)."""
+        cs = self.chunk_size
+        t = self.requests.get(req_id)
+        if t is None:
+            t = self.requests[req_id] = RequestTracker(req_id, len(prompt), len(prompt) // cs)
+        t.load = None
+        wanted = loadable_chunks(t.prompt_len, cs) if self.load_enabled else 0
+        # Always ask (also with nothing to load): the cache keys the prompt for later stores.
+        t.hit_chunks = self._lookup(req_id, prompt, wanted, num_computed // cs)
+        hit_tokens = t.hit_chunks * cs
+        return max(0, hit_tokens - num_computed), hit_tokens
+
+    # ---- allocation (update_state_after_alloc) --------------------------------------------------
+    def allocated(self, req_id: str, num_external: int) -> None:
+        """The scheduler accepted `num_external` tokens to load, ending at the hit."""
+        t = self.requests.get(req_id)
+        if t is None:
+            return
+        if num_external <= 0:
+            if t.hit_chunks:
+                self._release.append(req_id)
+            return
+        end = t.hit_chunks * self.chunk_size
+        start = end - num_external
+        if start < 0:
+            raise ValueError(f"request {req_id}: load of {num_external} tokens exceeds the hit "
+                             f"of {end} tokens")
+        t.load = (start, end)
+
+    # ---- per step (build_connector_meta) --------------------------------------------------------
+    def step(self, new_reqs: Sequence[tuple[str, Sequence[int], int]],
+             cached_reqs: Sequence[tuple[str, Sequence[int] | None, bool, int]],
+             num_scheduled: dict[str, int]) -> StepPlan:
+        """`new_reqs`: (req_id, block_ids, num_computed_tokens); `cached_reqs`: (req_id,
+        new_block_ids or None, resumed (block ids replace), num_computed_tokens)."""
+        plan = StepPlan(release=self._release, finished=self._finished)
+        self._release, self._finished = [], []
+        for req_id, block_ids, num_computed in new_reqs:
+            t = self.requests.get(req_id)
+            if t is None:
+                continue
+            t.block_ids = np.asarray(block_ids, dtype=np.int64)
+            self._plan(t, num_computed, num_scheduled.get(req_id, 0), plan)
+        for req_id, new_blocks, resumed, num_computed in cached_reqs:
+            t = self.requests.get(req_id)
+            if t is None:
+                continue
+            if resumed:
+                t.block_ids = np.asarray(new_blocks or [], dtype=np.int64)
+            elif new_blocks:
+                t.block_ids = np.concatenate([t.block_ids, np.asarray(new_blocks, dtype=np.int64)])
+            if t.done:
+                continue
+            self._plan(t, num_computed, num_scheduled.get(req_id, 0), plan)
+        return plan
+
+    def _plan(self, t: RequestTracker, num_computed: int, scheduled: int, plan: StepPlan) -> None:
+        cs = self.chunk_size
+        # chunks below the hit are in the cache already; so is anything this step loads
+        t.stored_chunks = max(t.stored_chunks, min(t.hit_chunks, num_computed // cs))
+        if t.load is not None:
+            start, end = t.load
+            plan.loads.append(LoadSpec(t.req_id, start, end,
+                                       slot_mapping(t.block_ids, self.block_size, start, end)))
+            t.load = None
+            t.stored_chunks = max(t.stored_chunks, end // cs)
+        if not self.store_enabled:
+            t.stored_chunks = t.num_chunks
+            return
+        done = min(num_computed + scheduled, t.prompt_len) // cs
+        if done > t.stored_chunks:
+            c0 = t.stored_chunks
+            plan.stores.append(StoreSpec(t.req_id, c0, done,
+                                         slot_mapping(t.block_ids, self.block_size, c0 * cs, done * cs)))
+            t.stored_chunks = done
+
+    # ---- end of a request (request_finished) ----------------------------------------------------
+    def finished(self, req_id: str) -> None:
+        if self.requests.pop(req_id, None) is not None:
+            self._finished.append(req_id)

@@ -1,0 +1,208 @@
+"""Prometheus metrics of the cache, safe in vLLM's multi-process layout.
+
+Who records what:
+  * the scheduler side counts lookups (`lookup_tokens`, `hit_tokens`, `engine_prefix_hit_tokens`)
+    in its own process;
+  * the worker side never touches Prometheus: it accumulates a `MetricsDelta` (plain numbers) per
+    engine step and ships it to the scheduler inside vLLM's worker->scheduler connector metadata;
+    deltas of several workers are summed by `MetricsDelta.aggregate`;
+  * the scheduler side applies deltas to its `CacheMetrics`, whose private registry is served by
+    one HTTP endpoint (`metrics.port`, bound to `metrics.host`, 127.0.0.1 by default).
+So one endpoint per engine sees every process's numbers, whether the worker runs in the
+scheduler's process (vLLM's `uni` executor) or in its own (`mp`).
+
+Hit rate = rate(lmcache_lab_hit_tokens_total) / rate(lmcache_lab_lookup_tokens_total).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+PREFIX = "lmcache_lab_"
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+MAX_SAMPLES = 256  # latency samples carried per delta; more are folded into the last bucket sum
+
+
+@dataclass
+class MetricsDelta:
+    """What one worker did since its last delta. Counters are increments; tier gauges are the
+    latest absolute values (summed over workers, each holding its own tiers)."""
+    stored_chunks: int = 0
+    stored_bytes: int = 0
+    retrieved_chunks: int = 0
+    retrieved_bytes: int = 0
+    load_failures: int = 0
+    store_failures: int = 0
+    evictions: dict[str, int] = field(default_factory=dict)          # tier -> count
+    tier_used_bytes: dict[str, int] = field(default_factory=dict)    # tier -> bytes
+    tier_capacity_bytes: dict[str, int] = field(default_factory=dict)
+    tier_chunks: dict[str, int] = field(default_factory=dict)
+    load_seconds: list[float] = field(default_factory=list)
+    store_seconds: list[float] = field(default_factory=list)
+
+    def is_empty(self) -> bool:
+        return not (self.stored_chunks or self.retrieved_chunks or self.load_failures
+                    or self.store_failures
+                    or any(self.evictions.values()) or self.load_seconds or self.store_seconds
+                    or self.tier_used_bytes)
+
+    def aggregate(self, other: "MetricsDelta") -> "MetricsDelta":
+        def add(a: dict, b: dict) -> dict:
+            return {k: a.get(k, 0) + b.get(k, 0) for k in a.keys() | b.keys()}
+        return MetricsDelta(
+            self.stored_chunks + other.stored_chunks, self.stored_bytes + other.stored_bytes,
+            self.retrieved_chunks + other.retrieved_chunks,
+            self.retrieved_bytes + other.retrieved_bytes, self.load_failures + other.load_failures,
+            self.store_failures + other.store_failures,
+            add(self.evictions, other.evictions), add(self.tier_used_bytes, other.tier_used_bytes),
+            add(self.tier_capacity_bytes, other.tier_capacity_bytes),
+            add(self.tier_chunks, other.tier_chunks),
+            (self.load_seconds + other.load_seconds)[-MAX_SAMPLES:],
+            (self.store_seconds + other.store_seconds)[-MAX_SAMPLES:])
+
+
+class CacheMetrics:
+    """The metric definitions, in a private registry (several engines in one process, and tests,
+    never collide in the global one)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        r = self.registry = registry or CollectorRegistry()
+        self.requests = Counter(PREFIX + "requests", "Requests looked up in the cache", registry=r)
+        self.lookup_tokens = Counter(PREFIX + "lookup_tokens",
+                                     "Prompt tokens in full chunks asked about", registry=r)
+        self.hit_tokens = Counter(PREFIX + "hit_tokens",
+                                  "Prompt tokens the cache reported as hits (loaded, not computed)",
+                                  registry=r)
+        self.engine_prefix_hit_tokens = Counter(
+            PREFIX + "engine_prefix_hit_tokens",
+            "Prompt tokens already served by the engine's own prefix cache (APC), not by this one",
+            registry=r)
+        self.stored_chunks = Counter(PREFIX + "stored_chunks", "Chunks newly stored", registry=r)
+        self.stored_bytes = Counter(PREFIX + "stored_bytes", "Bytes of chunks newly stored", registry=r)
+        self.retrieved_chunks = Counter(PREFIX + "retrieved_chunks", "Chunks loaded into the engine",
+                                        registry=r)
+        self.retrieved_bytes = Counter(PREFIX + "retrieved_bytes", "Bytes loaded into the engine",
+                                       registry=r)
+        self.load_failures = Counter(
+            PREFIX + "load_failures",
+            "Loads that fell short of the reported hit (chunk evicted or corrupt); recomputed",
+            registry=r)
+        self.store_failures = Counter(
+            PREFIX + "store_failures", "Chunks that could not be stored (a future miss)", registry=r)
+        self.lookup_errors = Counter(
+            PREFIX + "lookup_errors", "Lookups the worker's cache could not answer (counted as misses)",
+            registry=r)
+        self.evictions = Counter(PREFIX + "evictions", "Chunks evicted, per tier", ["tier"], registry=r)
+        self.tier_used_bytes = Gauge(PREFIX + "tier_used_bytes", "Bytes held, per tier", ["tier"],
+                                     registry=r)
+        self.tier_capacity_bytes = Gauge(PREFIX + "tier_capacity_bytes", "Byte budget, per tier",
+                                         ["tier"], registry=r)
+        self.tier_chunks = Gauge(PREFIX + "tier_chunks", "Chunks held, per tier", ["tier"], registry=r)
+        self.load_seconds = Histogram(PREFIX + "load_seconds",
+                                      "Time to load one request's hit chunks into the engine",
+                                      buckets=LATENCY_BUCKETS, registry=r)
+        self.store_seconds = Histogram(PREFIX + "store_seconds",
+                                       "Time a step spends copying new chunks out of the engine",
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self._server = None
+
+    def record_lookup(self, lookup_tokens: int, hit_tokens: int, engine_prefix_tokens: int) -> None:
+        self.requests.inc()
+        self.lookup_tokens.inc(lookup_tokens)
+        self.hit_tokens.inc(hit_tokens)
+        self.engine_prefix_hit_tokens.inc(engine_prefix_tokens)
+
+    def apply(self, d: MetricsDelta) -> None:
+        """Fold a worker delta into the metrics (scheduler side)."""
+        self.stored_chunks.inc(d.stored_chunks)
+        self.stored_bytes.inc(d.stored_bytes)
+        self.retrieved_chunks.inc(d.retrieved_chunks)
+        self.retrieved_bytes.inc(d.retrieved_bytes)
+        self.load_failures.inc(d.load_failures)
+        self.store_failures.inc(d.store_failures)
+        for tier, n in d.evictions.items():
+            self.evictions.labels(tier).inc(n)
+        for gauge, values in ((self.tier_used_bytes, d.tier_used_bytes),
+                              (self.tier_capacity_bytes, d.tier_capacity_bytes),
+                              (self.tier_chunks, d.tier_chunks)):
+            for tier, v in values.items():
+                gauge.labels(tier).set(v)
+        for s in d.load_seconds:
+            self.load_seconds.observe(s)
+        for s in d.store_seconds:
+            self.store_seconds.observe(s)
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> int:
+        """Start the HTTP endpoint (a daemon thread); returns the bound port (useful with 0)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._server = server
+        bound = server.server_address[1]
+        log.info("lmcache_lab metrics on http://%s:%d/metrics", host, bound)
+        return bound
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def value(self, name: str, **labels) -> float:
+        """Current value of a sample (tests, notebooks): e.g. value("lmcache_lab_hit_tokens_total")."""
+        v = self.registry.get_sample_value(name, labels or None)
+        return 0.0 if v is None else v
+
+
+class DeltaTracker:
+    """Turns an engine's cumulative statistics into `MetricsDelta`s (worker side).
+
+    Call `take(engine)` once per step, under the engine's lock; latencies are pushed with
+    `observe_load/observe_store` as they happen."""
+
+    def __init__(self):
+        self._last: dict[str, int] = {}
+        self._evictions: dict[str, int] = {}
+        self._load: list[float] = []
+        self._store: list[float] = []
+        self._gauges_due = True
+
+    def observe_load(self, seconds: float) -> None:
+        self._load.append(seconds)
+        del self._load[:-MAX_SAMPLES]
+
+    def observe_store(self, seconds: float) -> None:
+        self._store.append(seconds)
+        del self._store[:-MAX_SAMPLES]
+
+    def take(self, engine, store_failures: int = 0) -> MetricsDelta | None:
+        """The delta since the previous call; None when nothing changed."""
+        s = engine.stats
+        now = {"stored_chunks": s.stored_chunks, "stored_bytes": s.stored_bytes,
+               "retrieved_chunks": s.retrieved_chunks, "retrieved_bytes": s.retrieved_bytes,
+               "load_failures": s.load_failures, "store_failures": store_failures}
+        d = MetricsDelta(**{k: v - self._last.get(k, 0) for k, v in now.items()})
+        self._last = now
+        changed = bool(d.stored_chunks or d.retrieved_chunks or d.load_failures or d.store_failures)
+        for tier in engine.tiers:
+            ev = tier.stats.evictions
+            if ev != self._evictions.get(tier.name, 0):
+                d.evictions[tier.name] = ev - self._evictions.get(tier.name, 0)
+                self._evictions[tier.name] = ev
+                changed = True
+        if changed or self._gauges_due:
+            for tier in engine.tiers:
+                d.tier_used_bytes[tier.name] = tier.used_bytes
+                d.tier_capacity_bytes[tier.name] = tier.capacity_bytes
+                d.tier_chunks[tier.name] = len(tier)
+            self._gauges_due = False
+        d.load_seconds, self._load = self._load, []
+        d.store_seconds, self._store = self._store, []
+        return None if d.is_empty() else d
+
+    def refresh_gauges(self) -> None:
+        """Send tier gauges with the next delta even if nothing else changed (e.g. after a
+        write-behind finished)."""
+        self._gauges_due = True
