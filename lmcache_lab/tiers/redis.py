@@ -203,7 +203,9 @@ class RedisTier(BudgetedTier):
             value = self._verify(key, data, cap)
             if value is None:
                 self.stats.misses += 1
-                if data is not FAILED and (isinstance(data, Exception) or data):
+                hostile = (isinstance(data, bytes) and len(data) > 0
+                           or isinstance(data, Exception) and "WRONGTYPE" in str(data))
+                if hostile:  # present but failed verification: remove it
                     bad.append(key)
             else:
                 self.stats.hits += 1
@@ -218,7 +220,11 @@ class RedisTier(BudgetedTier):
             return None  # no answer, or absent
         why = None
         if isinstance(data, Exception):
-            why = f"unreadable ({data})"
+            if "WRONGTYPE" not in str(data):  # a refusal (ACL, server state): not the value's fault
+                self.stats.errors += 1
+                log.warning("redis tier: read of %s refused: %r", self.redis_key(key).decode(), data)
+                return None
+            why = "not a string value"
         elif len(data) > cap:
             why = f"larger than the {cap}-byte cap"
         else:

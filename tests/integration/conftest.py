@@ -49,10 +49,12 @@ def redis_server(redis_factory) -> RedisProcess:
 
 @pytest.fixture
 def redis_auth(redis_factory) -> RedisProcess:
-    """`requirepass` for the default user, plus an ACL user `app` limited to our key prefix."""
+    """`requirepass` for the default user; ACL users: `app` (our key prefix only), `elsewhere`
+    (another prefix), `noread` (our prefix, but GETRANGE denied)."""
     return redis_factory(args=["--requirepass", DEFAULT_PASSWORD,
                                "--user", ACL_USER, "on", f">{ACL_PASSWORD}", "~lmcache_lab:*", "+@all",
-                               "--user", "elsewhere", "on", ">elsewhere", "~other:*", "+@all"])
+                               "--user", "elsewhere", "on", ">elsewhere", "~other:*", "+@all",
+                               "--user", "noread", "on", ">noread", "~lmcache_lab:*", "+@all", "-getrange"])
 
 
 @pytest.fixture(scope="session")

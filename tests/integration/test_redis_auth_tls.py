@@ -63,6 +63,19 @@ def test_an_acl_user_without_rights_on_the_key_prefix_fails_at_start_up(redis_au
     refused("ACL user lacks a permission", url=redis_auth.url, username="elsewhere", password="elsewhere")
 
 
+def test_a_refused_read_is_a_counted_error_not_a_corrupt_value(redis_auth):
+    writer = RedisTier(RedisTierConfig(url=redis_auth.url, username=ACL_USER, password=ACL_PASSWORD))
+    reader = RedisTier(RedisTierConfig(url=redis_auth.url, username="noread", password="noread"))
+    try:
+        assert writer.put(KEY, CHUNK) and reader.contains(KEY)
+        assert reader.get(KEY) is None
+        assert reader.stats.errors == 1 and reader.stats.corrupt == 0
+        assert writer.contains(KEY)                      # a refusal never deletes the value
+    finally:
+        writer.close()
+        reader.close()
+
+
 def test_an_engine_does_not_start_with_wrong_credentials(redis_auth):
     with pytest.raises(RedisTierError):
         CacheEngine({"tiers": {"redis": {"url": redis_auth.url, "password": "wrong"}}})
