@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["RedisTier", "RedisTierError", "RedisTierStats", "RedisUsage"]
 
+USAGE_REFRESH_S = 5.0   # used_bytes / len() query the server at most this often
 FAILED = object()  # an operation that got no answer (endpoint down, timeout): a miss
 _NETWORK = (redis.ConnectionError, redis.TimeoutError, OSError)
 Layout = tuple[tuple[str, str, tuple[int, ...]], ...]
@@ -70,6 +72,7 @@ class RedisUsage:
     used_bytes: int | None       # server used_memory (all data, not only ours), summed over primaries
     maxmemory: int | None        # 0: unlimited
     maxmemory_policy: str | None
+    keys: int                    # DBSIZE summed over reachable primaries (all keys of the db)
 
 
 def layout_of(tensors: dict[str, torch.Tensor]) -> Layout:
@@ -87,6 +90,8 @@ class RedisTier(BudgetedTier):
     def __init__(self, config: RedisTierConfig, expected: dict[str, torch.Tensor] | None = None):
         if not config.url:
             raise ValueError("RedisTier needs tiers.redis.url")
+        self._usage_at = -math.inf
+        self._used_bytes = self._keys_count = 0
         super().__init__(config.capacity_bytes or 0, policy=None)  # Redis evicts; no local policy
         self.config = config
         self.stats = RedisTierStats()
@@ -358,37 +363,67 @@ class RedisTier(BudgetedTier):
         return [bytes.fromhex(k[n:].decode()) for _, batch in self._scan() for k in batch]
 
     def __len__(self) -> int:
-        return len(self.keys())
+        """Keys in the Redis database(s) (DBSIZE, summed over primaries; refreshed at most every
+        USAGE_REFRESH_S): the chunk count when the database is dedicated to this cache."""
+        self._refresh_usage()
+        return self._keys_count
 
     def clear(self) -> None:
         """Delete every chunk under our key prefix, for all instances sharing it."""
         for client, batch in self._scan():
             client.unlink(*batch)
 
+    @property
+    def used_bytes(self) -> int:
+        """Server `used_memory` (summed over primaries), refreshed at most every USAGE_REFRESH_S."""
+        self._refresh_usage()
+        return self._used_bytes
+
+    @used_bytes.setter
+    def used_bytes(self, value: int) -> None:
+        self._used_bytes = value
+
+    def _refresh_usage(self) -> None:
+        if time.monotonic() - self._usage_at >= USAGE_REFRESH_S:
+            self.usage()
+
     def usage(self) -> RedisUsage:
-        """Server memory (used_memory summed over reachable primaries, maxmemory, policy); also sets
-        `used_bytes` and `capacity_bytes` (config `capacity_bytes` if the server does not say)."""
-        used = maxmem = None
-        policy = None
+        """Server memory (used_memory summed over reachable primaries, maxmemory, policy) and key
+        count; also sets `used_bytes`, `capacity_bytes` (config `capacity_bytes` if the server
+        does not say) and `len(tier)`. INFO may be denied by ACL: then the memory is unknown."""
+        self._usage_at = time.monotonic()
+        used = maxmem = policy = None
+        nkeys = 0
         for endpoint, client in self.backend.masters():
             if self.breaker.is_open(endpoint):
                 continue
+            pipe = client.pipeline(transaction=False)
+            pipe.info("memory")
+            pipe.dbsize()
             try:
-                info = client.info("memory")
+                info, dbsize = pipe.execute(raise_on_error=False)
             except _NETWORK as e:
+                self.stats.errors += 1
                 self.breaker.trip(endpoint, self._recovery(endpoint), repr(e))
                 continue
-            except redis.RedisError as e:  # INFO may be denied by ACL: usage unknown
-                log.info("redis tier: cannot read server memory on %s: %s", endpoint, e)
+            except redis.RedisError as e:
+                self.stats.errors += 1
+                log.warning("redis tier: usage query on %s failed: %r", endpoint, e)
+                continue
+            if isinstance(dbsize, int):
+                nkeys += dbsize
+            if isinstance(info, Exception):
+                log.info("redis tier: cannot read server memory on %s: %s", endpoint, info)
                 continue
             used = (used or 0) + int(info.get("used_memory", 0))
             maxmem = (maxmem or 0) + int(info.get("maxmemory", 0))
             policy = info.get("maxmemory_policy", policy)
+        self._keys_count = nkeys
         if used is not None:
-            self.used_bytes = used
+            self._used_bytes = used
         if maxmem:
             self.capacity_bytes = maxmem
-        return RedisUsage(self.available, self.breaker.open_endpoints(), used, maxmem, policy)
+        return RedisUsage(self.available, self.breaker.open_endpoints(), used, maxmem, policy, nkeys)
 
     def close(self) -> None:
         self.breaker.close()

@@ -112,11 +112,10 @@ class Backend:
 
     # ---- connection -------------------------------------------------------------------------------
     def connect(self) -> None:
-        """Reach the server (every cluster master); raises what redis-py raises."""
+        """Reach the server (a cluster: read its slot map from a reachable node); raises what
+        redis-py raises. Cluster primaries are then checked one by one by the caller."""
         if self.cluster:
             self._connect_cluster()
-            for name, client in self.masters():
-                client.ping()
         else:
             self._client.ping()
 
@@ -135,12 +134,12 @@ class Backend:
             if endpoint == UNROUTED:
                 self._connect_cluster()
             elif self.cluster:
-                host, port = endpoint.rsplit(":", 1)
-                node = self._client.get_node(host=host, port=int(port))
-                if node is None:
-                    raise ConnectionError(f"{endpoint} is no longer a cluster node")
-                self._client.get_redis_connection(node).ping()
+                # A failover may have moved the node's slots to another primary: then there is
+                # nothing left to wait for.
                 self.refresh_topology(force=True)
+                primaries = {n.name: n for n in self._client.get_primaries()}
+                if endpoint in primaries:
+                    self._client.get_redis_connection(primaries[endpoint]).ping()
             else:
                 self._client.ping()
         return ping

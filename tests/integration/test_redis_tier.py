@@ -112,7 +112,7 @@ def test_key_prefix_and_database_separate_deployments(redis_server):
         assert not b.contains(key(0)) and not c.contains(key(0))
         c.put(key(1), chunk(1))
         assert d.contains(key(1)) and not a.contains(key(1))
-        assert a.keys() == [key(0)] and len(c) == 1
+        assert a.keys() == [key(0)] and c.keys() == [key(1)] and c.usage().keys == 1
         a.clear()
         assert not a.contains(key(0)) and c.contains(key(1))
     finally:
@@ -130,6 +130,7 @@ def test_usage_reports_the_servers_memory_budget(redis_server):
         assert usage.maxmemory == 64 * 2**20 and usage.maxmemory_policy == "allkeys-lru"
         assert usage.used_bytes >= before.used_bytes + 4 * 2**20
         assert t.capacity_bytes == 64 * 2**20 and t.used_bytes == usage.used_bytes
+        assert usage.keys == 4 and len(t) == 4
     finally:
         t.close()
 
