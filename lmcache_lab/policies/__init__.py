@@ -1,12 +1,22 @@
-"""Eviction policies, selected by name from config (`policy: {name: lfu, ...params}`)."""
+"""Eviction policies, selected by name from config (`policy: {name: lfu, ...params}`).
+
+Online: lru, lfu, s3fifo, sieve, arc, cost_aware. Offline (trace replay only, they read the
+future): belady, belady_prefix.
+"""
+from lmcache_lab.policies.arc import ARCPolicy
 from lmcache_lab.policies.base import EvictionPolicy
+from lmcache_lab.policies.belady import BeladyPolicy, PrefixBeladyPolicy
 from lmcache_lab.policies.cost_aware import CostAwarePolicy
 from lmcache_lab.policies.lfu import LFUPolicy
 from lmcache_lab.policies.lru import LRUPolicy
+from lmcache_lab.policies.s3fifo import S3FIFOPolicy
+from lmcache_lab.policies.sieve import SievePolicy
 
 POLICIES: dict[str, type[EvictionPolicy]] = {
-    cls.name: cls for cls in (LRUPolicy, LFUPolicy, CostAwarePolicy)
+    cls.name: cls for cls in (LRUPolicy, LFUPolicy, S3FIFOPolicy, SievePolicy, ARCPolicy, CostAwarePolicy,
+                              BeladyPolicy, PrefixBeladyPolicy)
 }
+OFFLINE = {name for name, cls in POLICIES.items() if cls.offline}
 
 
 def make_policy(name: str, chunk_tokens: int = 256, **params) -> EvictionPolicy:

@@ -7,6 +7,12 @@ A policy orders the chunks resident in one tier. Its owner calls:
     on_access(chain)                           a request used these resident chunks (root first)
     on_remove(key)                             a chunk left the tier (evicted or deleted)
     victim(can_evict) -> key | None            the next chunk to evict
+    admit(key, nbytes, parent, position)       may a chunk be stored when that needs an eviction?
+                                               (asked only when `admits_all` is False)
+
+Offline policies (`offline = True`, e.g. `belady`) also take the future of a trace through
+`prepare(chains)` and `advance(t)`; only the trace replay can give it, and a tier refuses an
+offline policy that was not prepared.
 
 Invariants every policy keeps (the tests check them):
   * tail first: `victim` never returns a chunk that has a resident child in this tier. A chunk is
@@ -25,6 +31,8 @@ Key = Hashable
 
 class EvictionPolicy:
     name = "base"
+    offline = False     # needs prepare()/advance(): the future of a trace (replay only)
+    admits_all = True   # False: the tier asks `admit` before evicting to store a chunk
 
     def __init__(self, chunk_tokens: int = 256, **params):
         if params:
@@ -88,6 +96,10 @@ class EvictionPolicy:
             if key not in children and (can_evict is None or can_evict(key)):
                 return key
         return None
+
+    def admit(self, key: Key, nbytes: int, parent: Key | None = None, position: int = 0) -> bool:
+        """Whether to store `key` when the tier is full (storing it costs an eviction)."""
+        return True
 
     def pop_victim(self, can_evict: Callable[[Key], bool] | None = None) -> Key | None:
         """`victim` and `on_remove` in one call: the eviction step of a tier."""
