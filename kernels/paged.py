@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -33,7 +34,10 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # =================================================================================== validation
-def _check_slots(slot_mapping, layout: KVLayout, device: torch.device, distinct: bool) -> None:
+def _check_slots(slot_mapping, layout: KVLayout, device: torch.device,
+                 distinct: bool) -> np.ndarray:
+    """Validate the slot mapping; return it as a host int64 array (one device sync on CUDA:
+    the range check must finish before any launch)."""
     if not isinstance(slot_mapping, torch.Tensor):
         raise TypeError(f"slot_mapping: expected an int64 tensor, got {type(slot_mapping).__name__}")
     if slot_mapping.dtype != torch.int64:
@@ -44,17 +48,19 @@ def _check_slots(slot_mapping, layout: KVLayout, device: torch.device, distinct:
         raise ValueError("slot_mapping: not contiguous")
     if slot_mapping.device != device:
         raise ValueError(f"slot_mapping: on {slot_mapping.device}, kv_caches on {device}")
-    if slot_mapping.numel() == 0:
-        return
-    lo, hi = int(slot_mapping.min()), int(slot_mapping.max())
+    host = slot_mapping.detach().cpu().numpy()                                   # [N] int64
+    if host.size == 0:
+        return host
+    lo, hi = int(host.min()), int(host.max())
     if lo < -1 or hi >= layout.num_slots:
         bad = lo if lo < -1 else hi
         raise ValueError(f"slot_mapping: slot {bad} out of range; layout {layout.name} has "
                          f"{layout.num_slots} slots (valid: 0..{layout.num_slots - 1}, or -1 = padding)")
     if distinct:
-        valid = slot_mapping[slot_mapping >= 0]
-        if torch.unique(valid).numel() != valid.numel():
+        valid = host[host >= 0] if lo < 0 else host
+        if np.unique(valid).size != valid.size:
             raise ValueError("slot_mapping: a slot appears twice; scatter targets must be distinct")
+    return host
 
 
 def _check_chunk(chunk, layout: KVLayout, n: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -89,7 +95,7 @@ def gather(kv_caches, layout: KVLayout, slot_mapping: torch.Tensor, *,
     `[2, L, N, H*D]` (rows of padding slots are zero). `out`, if given, is filled and returned."""
     pairs = validate_caches(kv_caches, layout)
     ref = pairs[0][0]
-    _check_slots(slot_mapping, layout, ref.device, distinct=False)
+    host = _check_slots(slot_mapping, layout, ref.device, distinct=False)
     n = slot_mapping.numel()
     if out is None:
         out = torch.empty(layout.chunk_shape(n), dtype=ref.dtype, device=ref.device)
@@ -97,8 +103,11 @@ def gather(kv_caches, layout: KVLayout, slot_mapping: torch.Tensor, *,
         _check_chunk(out, layout, n, ref.dtype, ref.device)
     if n == 0:
         return out
-    impl = {"triton": _gather_triton, "torch": _gather_torch, "reference": gather_reference}
-    impl[_pick_backend(backend, ref.device)](pairs, layout, slot_mapping, out)
+    chosen = _pick_backend(backend, ref.device)
+    if chosen == "torch":
+        _gather_torch(pairs, layout, slot_mapping, out, host)
+    else:
+        {"triton": _gather_triton, "reference": gather_reference}[chosen](pairs, layout, slot_mapping, out)
     return out
 
 
@@ -108,13 +117,16 @@ def scatter(chunk: torch.Tensor, kv_caches, layout: KVLayout, slot_mapping: torc
     tokens whose slot is -1 are skipped. Slots other than -1 must be distinct."""
     pairs = validate_caches(kv_caches, layout)
     ref = pairs[0][0]
-    _check_slots(slot_mapping, layout, ref.device, distinct=True)
+    host = _check_slots(slot_mapping, layout, ref.device, distinct=True)
     n = slot_mapping.numel()
     _check_chunk(chunk, layout, n, ref.dtype, ref.device)
     if n == 0:
         return
-    impl = {"triton": _scatter_triton, "torch": _scatter_torch, "reference": scatter_reference}
-    impl[_pick_backend(backend, ref.device)](pairs, layout, slot_mapping, chunk)
+    chosen = _pick_backend(backend, ref.device)
+    if chosen == "torch":
+        _scatter_torch(pairs, layout, slot_mapping, chunk, host)
+    else:
+        {"triton": _scatter_triton, "reference": scatter_reference}[chosen](pairs, layout, slot_mapping, chunk)
 
 
 # =================================================================================== reference
@@ -170,10 +182,12 @@ def _groups(pairs, layout: KVLayout, kv: int) -> list[tuple[slice, torch.Tensor,
     size = tensors[0].element_size()
     deltas = {t.data_ptr() - tensors[0].data_ptr() for t in tensors[1:2]}
     gap = deltas.pop() // size if deltas else 0
+    # Evenly spaced, first and last in one storage: every layer lies inside that allocation
+    # (as_strided re-checks the bounds against it).
+    base_ptr = tensors[0].data_ptr()
     stacked = (len(tensors) == 1 or (
-        gap > 0 and all(t.untyped_storage().data_ptr() == tensors[0].untyped_storage().data_ptr()
-                        and t.data_ptr() - tensors[0].data_ptr() == i * gap * size
-                        for i, t in enumerate(tensors))))
+        gap > 0 and all(t.data_ptr() - base_ptr == i * gap * size for i, t in enumerate(tensors))
+        and tensors[-1].untyped_storage().data_ptr() == tensors[0].untyped_storage().data_ptr()))
     if not stacked:
         gap = 0                                    # one layer per group: the stride is unused
     chunks = [(slice(0, len(tensors)), tensors[0])] if stacked else \
@@ -189,38 +203,44 @@ def _groups(pairs, layout: KVLayout, kv: int) -> list[tuple[slice, torch.Tensor,
     return out
 
 
-def _runs(slots: torch.Tensor, block_size: int | None) -> list[tuple[int, int, int]] | None:
+def _runs(host: np.ndarray, block_size: int | None) -> list[tuple[int, int, int]] | None:
     """Maximal runs of consecutive valid slots (inside one block when `block_size` is given), as
     (first token, end token, first slot); None when there are too many runs for per-run copies
-    to pay off."""
-    n = slots.numel()
-    valid = slots >= 0                                                            # [N]
-    cont = torch.zeros_like(valid)                                                # [N]
-    cont[1:] = valid[1:] & valid[:-1] & (slots[1:] == slots[:-1] + 1)
+    to pay off. Host arithmetic: a few microseconds for a chunk."""
+    n = host.size
+    valid = host >= 0                                                             # [N]
+    cont = np.zeros(n, dtype=bool)                                                # [N]
+    cont[1:] = valid[1:] & valid[:-1] & (host[1:] == host[:-1] + 1)
     if block_size is not None:
-        cont[1:] &= slots[1:] % block_size != 0
-    nxt = torch.zeros_like(valid)                                                 # [N]
-    nxt[:-1] = cont[1:]
-    starts = (valid & ~cont).nonzero().flatten()                                  # [R]
-    if starts.numel() > min(64, max(1, n // _MAX_RUN_FRACTION)):
+        cont[1:] &= host[1:] % block_size != 0
+    starts = np.flatnonzero(valid & ~cont)                                        # [R]
+    if starts.size > min(64, max(1, n // _MAX_RUN_FRACTION)):
         return None
-    ends = (valid & ~nxt).nonzero().flatten() + 1                                 # [R]
-    return list(zip(starts.tolist(), ends.tolist(), slots[starts].tolist()))
+    nxt = np.zeros(n, dtype=bool)                                                 # [N]
+    nxt[:-1] = cont[1:]
+    ends = np.flatnonzero(valid & ~nxt) + 1                                       # [R]
+    return list(zip(starts.tolist(), ends.tolist(), host[starts].tolist()))
 
 
 class _Plan:
     """How one slot mapping is copied, computed lazily once per call and shared by all groups."""
 
-    def __init__(self, slots: torch.Tensor, block_size: int):
-        self.slots, self.block_size = slots, block_size
-        self.valid = slots >= 0                                                   # [N]
-        self.all_valid = bool(self.valid.all())
+    def __init__(self, slots: torch.Tensor, host: np.ndarray, block_size: int):
+        self.slots, self.host, self.block_size = slots, host, block_size
+        self.all_valid = bool(host.min() >= 0)
         self._cache: dict[str, object] = {}
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """bool [N] on the slots' device: True where the slot is not padding."""
+        if "valid" not in self._cache:
+            self._cache["valid"] = self.slots >= 0
+        return self._cache["valid"]
 
     def runs(self, flat: bool):
         key = "flat" if flat else "block"
         if key not in self._cache:
-            self._cache[key] = _runs(self.slots, None if flat else self.block_size)
+            self._cache[key] = _runs(self.host, None if flat else self.block_size)
         return self._cache[key]
 
     def compact(self) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -245,9 +265,10 @@ def _run_view(view: torch.Tensor, flat: bool, s0: int, length: int, bs: int) -> 
     return view[:, s0 // bs, s0 % bs:s0 % bs + length]
 
 
-def _gather_torch(pairs, layout: KVLayout, slots: torch.Tensor, out: torch.Tensor) -> None:
+def _gather_torch(pairs, layout: KVLayout, slots: torch.Tensor, out: torch.Tensor,
+                  host: np.ndarray) -> None:
     n, h, d, bs = slots.numel(), layout.num_kv_heads, layout.head_size, layout.block_size
-    plan = _Plan(slots, bs)
+    plan = _Plan(slots, host, bs)
     for kv in (0, 1):
         for layers, view, flat in _groups(pairs, layout, kv):
             dst = out[kv, layers].view(-1, n, h, d)                               # [Lg, N, H, D]
@@ -268,9 +289,10 @@ def _gather_torch(pairs, layout: KVLayout, slots: torch.Tensor, out: torch.Tenso
         out[:, :, ~plan.valid] = 0
 
 
-def _scatter_torch(pairs, layout: KVLayout, slots: torch.Tensor, chunk: torch.Tensor) -> None:
+def _scatter_torch(pairs, layout: KVLayout, slots: torch.Tensor, chunk: torch.Tensor,
+                   host: np.ndarray) -> None:
     n, h, d, bs = slots.numel(), layout.num_kv_heads, layout.head_size, layout.block_size
-    plan = _Plan(slots, bs)
+    plan = _Plan(slots, host, bs)
     for kv in (0, 1):
         for layers, view, flat in _groups(pairs, layout, kv):
             src = chunk[kv, layers].view(-1, n, h, d)                             # [Lg, N, H, D]
