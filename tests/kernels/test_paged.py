@@ -26,7 +26,8 @@ def make_caches(layout: KVLayout, dtype: torch.dtype, seed: int = 0, special: bo
     g = torch.Generator().manual_seed(seed)
 
     def rnd():
-        t = torch.randn(layout.layer_shape, generator=g).to(dtype)
+        t = torch.randn(layout.layer_shape, generator=g, device="cpu").to(dtype)
+        t = t.to(torch.get_default_device())
         if special:
             flat = t.view(-1)
             flat[0], flat[7], flat[-1] = -0.0, float("inf"), float("nan")

@@ -32,7 +32,9 @@ def assert_same(a: QuantizedKV, b: QuantizedKV) -> None:
 
 def chunk_of(shape, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g) * torch.rand(shape[:-1] + (1,), generator=g) * 4
+    x = torch.randn(shape, generator=g, device="cpu")
+    x = x * torch.rand(shape[:-1] + (1,), generator=g, device="cpu") * 4         # varied scales
+    x = x.to(torch.get_default_device())
     x[:, 0, 0] = 0                      # all-zero groups: scale 0, decode to zeros
     return x.to(dtype)
 
@@ -65,7 +67,8 @@ def test_matches_reference(shape, dtype, fmt, k_per_channel, backend):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_error_bound(dtype, fmt, k_per_channel):
     """Stated bound on relative L2 error; torch path on a realistic-width chunk."""
-    x = torch.randn(2, 2, 64, 4 * 32, generator=torch.Generator().manual_seed(1)).to(dtype)
+    x = torch.randn(2, 2, 64, 4 * 32, generator=torch.Generator().manual_seed(1), device="cpu")
+    x = x.to(dtype).to(torch.get_default_device())
     out = dequantize(quantize(x, 4, fmt, k_per_channel=k_per_channel, backend="torch"))
     err = ((out.float() - x.float()).norm() / x.float().norm()).item()
     assert err <= REL_L2_BOUND[fmt], err
@@ -75,7 +78,7 @@ def test_error_bound(dtype, fmt, k_per_channel):
 def test_k_per_channel_helps_channel_outliers():
     """KIVI's observation: K has outlier channels; per-channel scales keep the rest precise."""
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(2, 1, 64, 4 * 16, generator=g)
+    x = torch.randn(2, 1, 64, 4 * 16, generator=g, device="cpu").to(torch.get_default_device())
     x[0, :, :, 5] *= 50                                   # one outlier channel in K
     err = {}
     for per_channel in (False, True):
