@@ -11,8 +11,10 @@ spec = {
   "example_connector": "<dir>" | null,                  # vLLM's in-tree ExampleConnector instead
   "enable_prefix_caching": true, "max_model_len": 4096, "max_num_batched_tokens": null,
   "ops": [
-    {"op": "generate", "prompts": [[ids...], ...], "max_tokens": 8},  # greedy; records tokens,
-                                                   # num_cached_tokens and the call's wall time
+    {"op": "generate", "prompts": [[ids...], ...], "max_tokens": 8, "reset_each": false},
+                                                   # greedy; records tokens, num_cached_tokens and
+                                                   # the call's wall time; reset_each: one prompt
+                                                   # at a time, reset_prefix_cache() before each
     {"op": "reset"},                               # llm.reset_prefix_cache()
     {"op": "scrape", "port": 9100},                # lmcache_lab_* samples from the endpoint
     {"op": "corrupt", "path": "<disk tier dir>", "positions": [256]},  # damage stored chunks
@@ -95,9 +97,18 @@ def run(spec: dict) -> dict:
             params = SamplingParams(temperature=0.0, max_tokens=op.get("max_tokens", 8),
                                     ignore_eos=True)
             prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in op["prompts"]]
-            t = time.perf_counter()
-            outs = llm.generate(prompts, params, use_tqdm=False)
-            results.append({"seconds": time.perf_counter() - t,
+            if op.get("reset_each"):   # one prompt at a time, each with the engine's APC empty
+                outs, seconds = [], 0.0
+                for p in prompts:
+                    llm.reset_prefix_cache()
+                    t = time.perf_counter()
+                    outs += llm.generate([p], params, use_tqdm=False)
+                    seconds += time.perf_counter() - t
+            else:
+                t = time.perf_counter()
+                outs = llm.generate(prompts, params, use_tqdm=False)
+                seconds = time.perf_counter() - t
+            results.append({"seconds": seconds,
                             "tokens": [list(o.outputs[0].token_ids) for o in outs],
                             "num_cached_tokens": [o.num_cached_tokens for o in outs]})
         elif kind == "reset":

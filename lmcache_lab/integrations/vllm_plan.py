@@ -155,13 +155,17 @@ class Planner:
                 t.block_ids = np.asarray(new_blocks or [], dtype=np.int64)
             elif new_blocks:
                 t.block_ids = np.concatenate([t.block_ids, np.asarray(new_blocks, dtype=np.int64)])
-            if t.done:
-                continue
+            if t.done and num_computed >= t.stored_chunks * self.chunk_size:
+                continue                      # decoding: nothing left to plan (the common case)
             self._plan(t, num_computed, num_scheduled.get(req_id, 0), plan)
         return plan
 
     def _plan(self, t: RequestTracker, num_computed: int, scheduled: int, plan: StepPlan) -> None:
         cs = self.chunk_size
+        if num_computed < t.stored_chunks * cs and num_computed < t.prompt_len:
+            # vLLM rolled the request back (a failed load, or preemption): the chunks from here
+            # on are computed again, so plan them again (present ones are skipped by the worker)
+            t.stored_chunks = num_computed // cs
         # chunks below the hit are in the cache already; so is anything this step loads
         t.stored_chunks = max(t.stored_chunks, min(t.hit_chunks, num_computed // cs))
         if t.load is not None:

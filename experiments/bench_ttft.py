@@ -1,0 +1,176 @@
+"""TTFT benchmark of the vLLM connector on a real engine (CPU), ratios from one run.
+
+    python -m lmcache_lab.experiments.bench_ttft [--model-dir DIR] [--json out.json] [--repeat 3]
+
+Model: the tiny-model helper's default Llama (about 40M parameters, 6 layers, fp32). Prompts:
+random token ids, 2k and 8k tokens. TTFT = wall time of `llm.generate([prompt], max_tokens=1)`,
+median over `--repeat` distinct prompts (8k: fewer). Each engine is its own process
+(`vllm_driver`), in vLLM's default multi-process layout, and starts with a short warm-up request.
+
+  baseline      no connector: cold TTFT, then the same prompt again (vLLM's APC warm)
+  lmcache_cpu   connector, CPU tier: cold TTFT while storing; APC warm (same run); warm from our
+                CPU tier after reset_prefix_cache()
+  lmcache_disk  connector, CPU + disk tier: a first process stores, a second process (restart)
+                serves the prompts from disk
+  example       vLLM's in-tree ExampleConnector (disk): a first process stores, a second loads
+                (2k only: it crashes on prompts longer than one prefill step)
+
+Ratios (targets of issue 4): cold_store/cold <= 1.05; warm_cpu/apc <= 1.1;
+warm_disk_restart/example_restart <= 0.8; warm_cpu/cold at 8k <= 0.10.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+LENGTHS = {"2k": 2048, "8k": 8192}
+CHUNK = 128   # = the CPU block size: a warm hit leaves as few tokens to compute as APC does
+
+
+def prompts(n: int, length: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(10, 16000, length).tolist() for _ in range(n)]
+
+
+def gen(ps, reset_each=False):
+    return {"op": "generate", "prompts": ps, "max_tokens": 1, "reset_each": reset_each}
+
+
+def each(ps, reset_each=False):
+    """One generate op per prompt (each op is timed on its own)."""
+    return [gen([p], reset_each) for p in ps]
+
+
+def run_engine(spec: dict, workdir: Path, timeout: int = 900) -> dict:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "spec.json").write_text(json.dumps(spec))
+    with open(workdir / "engine.log", "w") as log:
+        proc = subprocess.run([sys.executable, "-m", "lmcache_lab.experiments.vllm_driver",
+                               str(workdir / "spec.json"), str(workdir / "out.json")],
+                              stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+    if proc.returncode != 0:
+        tail = "\n".join((workdir / "engine.log").read_text().splitlines()[-30:])
+        raise RuntimeError(f"engine {workdir.name} failed (rc={proc.returncode}):\n{tail}")
+    return json.loads((workdir / "out.json").read_text())
+
+
+def times(run: dict, first: int, count: int) -> list[float]:
+    return [run["results"][i]["seconds"] for i in range(first, first + count)]
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model-dir", default=str(Path(tempfile.gettempdir()) / "lmcache_lab_models" / "llama-6l-512"))
+    ap.add_argument("--work-dir", default=None)
+    ap.add_argument("--json", default="bench_ttft.json")
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args(argv)
+
+    from lmcache_lab.tiny_model import TinyModelSpec, build_tiny_model, num_parameters
+
+    spec = TinyModelSpec()
+    model = str(build_tiny_model(args.model_dir, spec))
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_ttft-"))
+    r2, r8 = args.repeat, max(1, args.repeat - 1)
+    p2, p8 = prompts(r2, LENGTHS["2k"], 1), prompts(r8, LENGTHS["8k"], 2)
+    warm_up = gen(prompts(1, 300, 3))
+    base = {"model": model, "dtype": "float32", "max_model_len": 8192 + 512}
+    lm_cpu = {"chunk_size": CHUNK}
+    disk = str(work / "lmcache-disk")
+    lm_disk = {"chunk_size": CHUNK, "tiers": {"disk": {"path": disk}}}
+    ex_disk = str(work / "example-disk")
+
+    # op layout of every engine: [warm-up] + cold 2k + cold 8k (+ repeats as noted)
+    cold_ops = [warm_up] + each(p2) + each(p8)
+    c2, c8 = 1, 1 + r2
+    results: dict[str, dict] = {}
+    t0 = time.perf_counter()
+    results["baseline"] = run_engine({**base, "connector": None,
+                                      "ops": cold_ops + each(p2) + each(p8)}, work / "baseline")
+    results["lmcache_cpu"] = run_engine({**base, "connector": lm_cpu,
+                                         "ops": cold_ops + each(p2) + each(p8)
+                                         + each(p2, reset_each=True) + each(p8, reset_each=True)},
+                                        work / "lmcache_cpu")
+    results["lmcache_disk_store"] = run_engine({**base, "connector": lm_disk, "ops": cold_ops},
+                                               work / "lmcache_disk_store")
+    results["lmcache_disk_restart"] = run_engine({**base, "connector": lm_disk,
+                                                  "ops": [warm_up] + each(p2) + each(p8)},
+                                                 work / "lmcache_disk_restart")
+    results["example_store"] = run_engine({**base, "example_connector": ex_disk,
+                                           "ops": [warm_up] + each(p2)}, work / "example_store")
+    results["example_restart"] = run_engine({**base, "example_connector": ex_disk,
+                                             "ops": [warm_up] + each(p2)}, work / "example_restart")
+    wall = time.perf_counter() - t0
+
+    b, c = results["baseline"], results["lmcache_cpu"]
+    w = c8 + r8                                          # first op after the cold ones
+    rows = {}
+    for name, length, cold_i, n in (("2k", 2048, c2, r2), ("8k", 8192, c8, r8)):
+        off = 0 if name == "2k" else r2
+        row = {
+            "cold": median(times(b, cold_i, n)),
+            "cold_store": median(times(c, cold_i, n)),
+            "apc_warm_baseline": median(times(b, w + off, n)),
+            "apc_warm": median(times(c, w + off, n)),
+            "warm_cpu": median(times(c, w + r2 + r8 + off, n)),
+            "warm_disk_restart": median(times(results["lmcache_disk_restart"], 1 + off, n)),
+        }
+        if name == "2k":
+            row["example_restart"] = median(times(results["example_restart"], 1, n))
+        rows[name] = row
+    ratios = {}
+    for name, row in rows.items():
+        ratios[name] = {
+            "cold_store/cold (<=1.05)": row["cold_store"] / row["cold"],
+            "warm_cpu/apc_warm (<=1.1)": row["warm_cpu"] / row["apc_warm"],
+            "warm_cpu/cold": row["warm_cpu"] / row["cold"],
+        }
+        if "example_restart" in row:
+            ratios[name]["warm_disk_restart/example_restart (<=0.8)"] = (
+                row["warm_disk_restart"] / row["example_restart"])
+    cached = {
+        "warm_cpu": [c["results"][i]["num_cached_tokens"][0] for i in range(w + r2 + r8, w + 2 * (r2 + r8))],
+        "warm_disk_restart": [results["lmcache_disk_restart"]["results"][i]["num_cached_tokens"][0]
+                              for i in range(1, 1 + r2 + r8)],
+    }
+    out = {"model": {"path": model, "params_M": round(num_parameters(spec) / 1e6, 1),
+                     "layers": spec.layers, "hidden": spec.hidden, "dtype": "float32"},
+           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                       "processor": platform.machine()},
+           "chunk_size": CHUNK, "repeat": args.repeat, "wall_s": wall,
+           "ttft_s": rows, "ratios": ratios, "num_cached_tokens": cached,
+           "startup_s": {k: v["startup_s"] for k, v in results.items()}}
+    Path(args.json).write_text(json.dumps(out, indent=2))
+    print_table(out)
+    return out
+
+
+def print_table(out: dict) -> None:
+    print(f"model: {out['model']['params_M']}M params, {out['model']['layers']} layers, fp32; "
+          f"chunk_size {out['chunk_size']}; median of {out['repeat']} (8k: {max(1, out['repeat'] - 1)})")
+    cols = ["cold", "cold_store", "apc_warm_baseline", "apc_warm", "warm_cpu", "warm_disk_restart",
+            "example_restart"]
+    print(f"{'TTFT (ms)':<10}" + "".join(f"{c:>19}" for c in cols))
+    for name, row in out["ttft_s"].items():
+        print(f"{name:<10}" + "".join(f"{row[c] * 1000:>19.1f}" if c in row else f"{'-':>19}"
+                                      for c in cols))
+    for name, ratio in out["ratios"].items():
+        print(f"{name}: " + ", ".join(f"{k} = {v:.3f}" for k, v in ratio.items()))
+
+
+if __name__ == "__main__":
+    main()

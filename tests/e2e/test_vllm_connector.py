@@ -1,0 +1,184 @@
+"""LMCacheLabConnector on a real vLLM engine (CPU), each engine in its own process.
+
+Engines (run once per session, on demand; ~5 minutes on 2 cores in all):
+  ref32 / ref16   no connector, fp32 / bf16: the reference greedy tokens
+  conn32          connector, fp32, chunk 256, CPU + disk tier, vLLM's multi-process layout:
+                  cold and warm runs (RUN below), metrics scraped
+  restart32       a later process on conn32's disk tier only: hits from
+                  disk; then a stored chunk is corrupted after start-up, so the lookup promises
+                  it and the load fails -> recomputed, counted
+  conn16          connector, bf16, on the same disk tier that holds conn32's fp32 chunks of the
+                  same prompts: must see none of them, then hit its own
+  mid32           connector, fp32, chunk 192 (1.5 blocks): hits that end mid-block
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vllm_e2e import free_port, make_prompts, run_engine
+
+pytestmark = pytest.mark.e2e
+
+PROMPTS = make_prompts()
+NAMES = list(PROMPTS)                 # long, diverge, exact, short
+ALL = [PROMPTS[n] for n in NAMES]
+MAX_TOKENS = 8
+
+
+def gen(names, reset_each=True):
+    """Generate `names` one at a time, each after reset_prefix_cache(): every cached token then
+    comes from the connector, none from vLLM's own prefix cache."""
+    return {"op": "generate", "prompts": [PROMPTS[n] for n in names], "max_tokens": MAX_TOKENS,
+            "reset_each": reset_each}
+
+
+# Every connector engine runs: op0 cold "long" (stored) -> op1 the others (diverge shares 300
+# tokens with long, so its hit is long's first chunk) -> op2 all four again (all stored by now).
+RUN = [gen(["long"]), gen(["diverge", "exact", "short"]), gen(NAMES)]
+
+
+def hits(chunk: int) -> tuple[list[int], list[int]]:
+    """Expected num_cached_tokens of op1 and op2: the chunk-aligned cached prefix, leaving at
+    least one prompt token to compute."""
+    loadable = {n: (len(p) - 1) // chunk * chunk for n, p in PROMPTS.items()}
+    op1 = [min(300 // chunk * chunk, loadable["diverge"]), 0, 0]
+    return op1, [loadable[n] for n in NAMES]
+
+
+class Engines:
+    """Lazily runs and caches the engines of this module (order matters: restart32 reads the disk
+    tier written by conn32, conn16 shares it)."""
+
+    def __init__(self, model: str, root: Path):
+        self.model, self.root = model, root
+        self.disk = str(root / "disk-tier")
+        self.ports = {"conn32": free_port(), "restart32": free_port()}
+        self._runs: dict[str, dict] = {}
+
+    def get(self, name: str) -> dict:
+        if name not in self._runs:
+            spec, mp = getattr(self, "_" + name)()
+            self._runs[name] = run_engine({"model": self.model, **spec}, mp, self.root / name)
+        return self._runs[name]
+
+    def _ref32(self):
+        return {"dtype": "float32", "connector": None, "ops": [gen(NAMES)]}, False
+
+    def _ref16(self):
+        return {"dtype": "bfloat16", "connector": None, "ops": [gen(NAMES)]}, False
+
+    def _conn32(self):
+        port = self.ports["conn32"]
+        cfg = {"chunk_size": 256, "tiers": {"disk": {"path": self.disk}}, "metrics": {"port": port}}
+        return {"dtype": "float32", "connector": cfg,
+                "ops": RUN + [{"op": "scrape", "port": port}]}, True
+
+    def _restart32(self):
+        self.get("conn32")
+        port = self.ports["restart32"]
+        cfg = {"chunk_size": 256, "tiers": {"cpu": {"capacity_bytes": 0}, "disk": {"path": self.disk}},
+               "metrics": {"port": port}}
+        return {"dtype": "float32", "connector": cfg,
+                "ops": [gen(NAMES), {"op": "corrupt", "path": self.disk, "positions": [256]},
+                        gen(["long"]), {"op": "scrape", "port": port}]}, False
+
+    def _conn16(self):
+        self.get("conn32")
+        cfg = {"chunk_size": 256, "tiers": {"disk": {"path": self.disk}}}
+        return {"dtype": "bfloat16", "connector": cfg, "ops": RUN}, False
+
+    def _mid32(self):
+        return {"dtype": "float32", "connector": {"chunk_size": 192}, "ops": RUN}, False
+
+
+@pytest.fixture(scope="session")
+def engines(tiny_model, tmp_path_factory) -> Engines:
+    return Engines(tiny_model, tmp_path_factory.mktemp("e2e"))
+
+
+def tokens(run: dict, *ops: int) -> list[list[int]]:
+    return [t for op in ops for t in run["results"][op]["tokens"]]
+
+
+def cached(run: dict, op: int) -> list[int]:
+    return run["results"][op]["num_cached_tokens"]
+
+
+# --------------------------------------------------------------------------------------- fp32
+def test_fp32_same_tokens_with_and_without_connector(engines):
+    ref = tokens(engines.get("ref32"), 0)
+    assert all(len(t) == MAX_TOKENS for t in ref)
+    run = engines.get("conn32")
+    assert tokens(run, 0, 1) == ref       # cold (diverge partly warm)
+    assert tokens(run, 2) == ref          # warm: loaded from the CPU tier
+
+
+def test_after_reset_num_cached_tokens_is_the_chunk_aligned_prefix(engines):
+    run = engines.get("conn32")
+    op1, op2 = hits(256)
+    assert cached(run, 0) == [0]
+    assert cached(run, 1) == op1 == [256, 0, 0]
+    assert cached(run, 2) == op2 == [512, 512, 256, 0]
+
+
+def test_metrics_endpoint_counts_hits_and_bytes(engines):
+    m = engines.get("conn32")["results"][3]
+    op1, op2 = hits(256)
+    assert m["lmcache_lab_requests_total"] == 8
+    assert m["lmcache_lab_engine_prefix_hit_tokens_total"] == 0     # APC reset before each
+    assert m["lmcache_lab_hit_tokens_total"] == sum(op1) + sum(op2)
+    assert m["lmcache_lab_lookup_tokens_total"] == 512 + (512 + 256) + (512 + 512 + 256)
+    assert m["lmcache_lab_stored_chunks_total"] == 2 + 1 + 2        # long 2, diverge 1 new, exact 2
+    assert m["lmcache_lab_retrieved_chunks_total"] == (sum(op1) + sum(op2)) // 256
+    chunk_bytes = 2 * 2 * 256 * 2 * 64 * 4                         # K+V, 2 layers, 256 tok, 2x64, fp32
+    assert m["lmcache_lab_stored_bytes_total"] == 5 * chunk_bytes
+    assert m["lmcache_lab_retrieved_bytes_total"] == chunk_bytes * (sum(op1) + sum(op2)) // 256
+    assert m['lmcache_lab_tier_chunks{tier="cpu"}'] == 5
+    assert m['lmcache_lab_tier_used_bytes{tier="cpu"}'] == 5 * chunk_bytes
+    assert m["lmcache_lab_load_failures_total"] == 0
+    assert m["lmcache_lab_load_seconds_count"] >= 1 and m["lmcache_lab_store_seconds_count"] >= 1
+
+
+def test_hits_ending_mid_block(engines):
+    ref = tokens(engines.get("ref32"), 0)
+    run = engines.get("mid32")
+    assert tokens(run, 0, 1) == ref and tokens(run, 2) == ref
+    op1, op2 = hits(192)
+    assert cached(run, 1) == op1 == [192, 0, 0]                     # 1.5 blocks of 128
+    assert cached(run, 2) == op2 == [576, 384, 384, 0]              # 576 = 4.5 blocks
+
+
+def test_second_engine_process_gets_hits_from_disk(engines):
+    ref = tokens(engines.get("ref32"), 0)
+    run = engines.get("restart32")
+    assert tokens(run, 0) == ref
+    # a fresh process with an empty CPU tier: every hit comes from the disk tier of conn32
+    assert cached(run, 0) == hits(256)[1]
+
+
+def test_chunk_lost_between_lookup_and_load_is_recomputed_and_counted(engines):
+    ref = tokens(engines.get("ref32"), 0)
+    run = engines.get("restart32")
+    assert run["results"][1] >= 1                 # the stored chunk at position 256 was damaged
+    assert tokens(run, 2) == [ref[NAMES.index("long")]]
+    m = run["results"][3]
+    assert m["lmcache_lab_load_failures_total"] == 1
+    assert m["lmcache_lab_retrieved_chunks_total"] == 5 + 1         # op0 all, op2 chunk 0 only
+    assert m["lmcache_lab_stored_chunks_total"] == 1                # the lost chunk, recomputed
+
+
+# --------------------------------------------------------------------------------------- bf16
+def test_bf16_same_tokens_with_and_without_connector(engines):
+    ref = tokens(engines.get("ref16"), 0)
+    run = engines.get("conn16")
+    assert tokens(run, 0, 1) == ref and tokens(run, 2) == ref
+    assert cached(run, 2) == hits(256)[1]
+
+
+def test_dtypes_sharing_one_store_never_see_each_others_chunks(engines):
+    engines.get("conn32")             # fp32 chunks of the same prompts are on the shared disk
+    run = engines.get("conn16")
+    assert cached(run, 0) == [0]      # the fp32 chunks of "long" are not seen
+    assert cached(run, 1) == hits(256)[0]
