@@ -35,5 +35,9 @@ else
   # The resolver pulls CUDA builds of these; they break `import transformers`/`import vllm` on CPU.
   $pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 fi
+# SGLang's Python package without its CUDA dependencies (which would replace torch): its HiCache
+# storage classes then import on CPU for tests/sglang; its engine needs a GPU (docs/sglang.md).
+$pip install -q --no-deps sglang==0.5.23
+$pip install -q orjson ipython
 touch "$stamp"
 echo "[setup] done: $VENV"
