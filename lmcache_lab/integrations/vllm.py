@@ -116,6 +116,8 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         self.block_size = vllm_config.cache_config.block_size
         self.engine_id = str(self._kv_transfer_config.engine_id)
         self._authkey = ("lmcache_lab:" + self.engine_id).encode()
+        # data-parallel engines share the engine id: each gets its own lookup endpoint
+        self._endpoint = f"{self.engine_id}-dp{vllm_config.parallel_config.data_parallel_rank}"
         kv_role = self._kv_transfer_config.kv_role
         self.load_enabled = kv_role in ("kv_both", "kv_consumer")
         self.store_enabled = kv_role in ("kv_both", "kv_producer")
@@ -133,7 +135,7 @@ class LMCacheLabConnector(KVConnectorBase_V1):
             # A cache fault must cost a recompute, never a failed request.
             self._kv_transfer_config.kv_load_failure_policy = "recompute"
             tp = vllm_config.parallel_config.tensor_parallel_size
-            self._client = LookupClient([socket_path(self.engine_id, r) for r in range(tp)],
+            self._client = LookupClient([socket_path(self._endpoint, r) for r in range(tp)],
                                         self._authkey)
             self._planner = Planner(self.config.chunk_size, self.block_size, self._lookup,
                                     load_enabled=self.load_enabled,
@@ -209,7 +211,7 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         ns = make_namespace(self._vllm_config, self.config, self._layout, self._layers[0].dtype,
                             rank, get_tensor_model_parallel_world_size())
         self._cache = WorkerCache(CacheEngine(self.config, namespace=ns))
-        self._cache.serve(socket_path(self.engine_id, rank), self._authkey)
+        self._cache.serve(socket_path(self._endpoint, rank), self._authkey)
         atexit.register(self._cache.close)
         log.info("lmcache_lab: %s layout, %d layers, chunk_size %d, tiers %s, namespace %s",
                  self._layout.name, self._layout.num_layers, self.config.chunk_size,

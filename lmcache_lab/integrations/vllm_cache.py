@@ -33,6 +33,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import xxhash
 
 from lmcache_lab.engine import CacheEngine
 from lmcache_lab.metrics import DeltaTracker
@@ -41,11 +42,14 @@ from lmcache_lab.tiers import MemoryTier
 log = logging.getLogger(__name__)
 
 
-def socket_path(engine_id: str, rank: int) -> str:
-    """Where rank `rank` of engine `engine_id` listens (short: AF_UNIX paths are <= 107 bytes)."""
+def socket_path(endpoint: str, rank: int) -> str:
+    """Where rank `rank` of an engine listens (AF_UNIX paths are <= 107 bytes: `endpoint` is
+    hashed when long), in a per-user directory only its owner can enter."""
     base = Path(tempfile.gettempdir()) / f"lmcl-{os.getuid()}"
     base.mkdir(mode=0o700, exist_ok=True)
-    return str(base / f"{engine_id[:36]}-{rank}.sock")
+    if len(endpoint) > 48:
+        endpoint = xxhash.xxh3_128_hexdigest(endpoint.encode())
+    return str(base / f"{endpoint}-{rank}.sock")
 
 
 class WorkerCache:
