@@ -186,3 +186,33 @@ def test_a_fresh_engine_loads_what_another_engine_stored(redis_server):
     finally:
         writer.close()
         reader.close()
+
+
+def test_large_batches_go_in_bounded_pipelines_small_ones_share_one(redis_server, monkeypatch):
+    from lmcache_lab.tiers import redis as redis_tier_module
+
+    t = tier(redis_server.url)
+    calls = []
+    run = t._run
+    monkeypatch.setattr(t, "_run", lambda keys, command: calls.append(len(keys)) or run(keys, command))
+    try:
+        big = [(key(i), chunk(i, shape=BIG), None, 0) for i in range(10)]          # 1 MiB each
+        assert t.put_many(big) == [True] * 10
+        per_pipeline = redis_tier_module.PIPELINE_BYTES // 2**20
+        assert calls == [per_pipeline] * (10 // per_pipeline) + [10 % per_pipeline] * bool(10 % per_pipeline)
+        calls.clear()
+        values = t.get_many([key(i) for i in range(10)])
+        assert all(torch.equal(v["kv"], chunk(i, shape=BIG)["kv"]) for i, v in enumerate(values))
+        assert max(calls) <= per_pipeline and sum(calls) == 10
+    finally:
+        t.close()
+    small = tier(redis_server.url, key_prefix="small")
+    calls.clear()
+    run_small = small._run
+    monkeypatch.setattr(small, "_run", lambda keys, command: calls.append(len(keys)) or run_small(keys, command))
+    try:
+        assert all(small.put_many([(key(i), chunk(i), None, 0) for i in range(40)]))   # 8 KiB each
+        assert all(v is not None for v in small.get_many([key(i) for i in range(40)]))
+        assert calls == [40, 40]                                 # one pipeline each way
+    finally:
+        small.close()
