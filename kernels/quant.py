@@ -190,35 +190,54 @@ def dequantize_reference(qkv: QuantizedKV) -> torch.Tensor:
 
 # =================================================================================== torch path
 def _quantize_torch(chunk, num_kv_heads, fmt, k_per_channel) -> QuantizedKV:
-    """Vectorised over layers: same fp32 operations as the reference, so identical bits."""
+    """One (K|V, layer) slice at a time through one reused fp32 buffer, in place: the slice
+    stays in cache and no chunk-sized temporaries are allocated. Same fp32 operations as the
+    reference (amax via aminmax is exact), so identical bits."""
     _, n_layers, n, hd = chunk.shape
     h, d = num_kv_heads, hd // num_kv_heads
-    qmax = FORMATS[fmt][1]
-    x = chunk.float()                                                             # [2, L, N, HD]
-    xg = x.view(2, n_layers, n, h, d)                                             # [2, L, N, H, D]
-    s_tok = xg.abs().amax(dim=4) / qmax                                           # [2, L, N, H]
-    y = xg / torch.where(s_tok > 0, s_tok, torch.ones_like(s_tok))[..., None]     # [2, L, N, H, D]
-    q = _encode_values(y.view(chunk.shape), fmt)                                  # [2, L, N, HD]
-    k_scale = s_tok[0]
-    if k_per_channel:
-        k_scale = x[0].abs().amax(dim=1, keepdim=True) / qmax                     # [L, 1, HD]
-        yk = x[0] / torch.where(k_scale > 0, k_scale, torch.ones_like(k_scale))   # [L, N, HD]
-        q[0] = _encode_values(yk, fmt)
+    qdtype, qmax = FORMATS[fmt]
+    dev = chunk.device
+    q = torch.empty(chunk.shape, dtype=qdtype, device=dev)                       # [2, L, N, HD]
+    s_tok = torch.empty((2, n_layers, n, h), dtype=torch.float32, device=dev)    # [2, L, N, H]
+    k_scale = torch.empty((n_layers, 1, hd), dtype=torch.float32, device=dev) if k_per_channel \
+        else s_tok[0]
+    buf = torch.empty((n, hd), dtype=torch.float32, device=dev)                   # [N, HD]
+    for kv in (0, 1):
+        per_channel = kv == 0 and k_per_channel
+        for layer in range(n_layers):
+            buf.copy_(chunk[kv, layer])
+            if per_channel:
+                lo, hi = torch.aminmax(buf, dim=0)                                # [HD], [HD]
+                scale = k_scale[layer, 0]                                         # [HD]
+                torch.maximum(hi, lo.neg_(), out=scale).abs_().div_(qmax)      # abs_: -0 -> +0
+                buf.div_(torch.where(scale > 0, scale, 1.0))
+            else:
+                lo, hi = torch.aminmax(buf.view(n, h, d), dim=2)                  # [N, H], [N, H]
+                scale = s_tok[kv, layer]                                          # [N, H]
+                torch.maximum(hi, lo.neg_(), out=scale).abs_().div_(qmax)      # abs_: -0 -> +0
+                buf.view(n, h, d).div_(torch.where(scale > 0, scale, 1.0)[:, :, None])
+            buf.clamp_(-qmax, qmax)
+            if fmt == "int8":
+                buf.add_(_MAGIC).sub_(_MAGIC)                                     # RNE, exact
+            q[kv, layer].copy_(buf)                                               # exact / RNE cast
     return QuantizedKV(q, k_scale.contiguous(), s_tok[1].contiguous(), fmt, chunk.dtype,
                        num_kv_heads, k_per_channel)
 
 
 def _dequantize_torch(qkv: QuantizedKV) -> torch.Tensor:
+    """Per (K|V, layer) slice through one fp32 buffer: decode, scale in place, round-cast out."""
     _, n_layers, n, hd = qkv.q.shape
     h, d = qkv.num_kv_heads, hd // qkv.num_kv_heads
-    out = torch.empty(qkv.q.shape, dtype=qkv.dtype, device=qkv.q.device)
-    qf = qkv.q.float()                                                            # [2, L, N, HD]
-    v = qf[1].view(n_layers, n, h, d) * qkv.v_scale[..., None]                    # [L, N, H, D]
-    out[1] = v.view(n_layers, n, hd)
-    if qkv.k_per_channel:
-        out[0] = qf[0] * qkv.k_scale                                              # [L, N, HD]
-    else:
-        out[0] = (qf[0].view(n_layers, n, h, d) * qkv.k_scale[..., None]).view(n_layers, n, hd)
+    out = torch.empty(qkv.q.shape, dtype=qkv.dtype, device=qkv.q.device)         # [2, L, N, HD]
+    buf = torch.empty((n, hd), dtype=torch.float32, device=qkv.q.device)          # [N, HD]
+    for kv, scale in ((0, qkv.k_scale), (1, qkv.v_scale)):
+        for layer in range(n_layers):
+            buf.copy_(qkv.q[kv, layer])
+            if kv == 0 and qkv.k_per_channel:
+                buf.mul_(scale[layer])                                            # [N, HD] * [1, HD]
+            else:
+                buf.view(n, h, d).mul_(scale[layer][:, :, None])                  # * [N, H, 1]
+            out[kv, layer].copy_(buf)
     return out
 
 
