@@ -266,13 +266,15 @@ class LMCacheLabStorage(HiCacheStorage):
         return default
 
     def _fetch(self, chain: list[bytes], start: int) -> list[torch.Tensor]:
-        """(I/O thread) Pages `chain[start:]` up to the first miss or wrong-sized value."""
+        """(I/O thread) Pages `chain[start:]` up to the first miss or wrong-sized value. SGLang
+        reads only pages `batch_exists` reported, so a shortfall counts as a load failure."""
         t0 = time.perf_counter()
-        values = self.engine.retrieve_keyed(chain, start, expected=False)
+        values = self.engine.retrieve_keyed(chain, start, expected=True)
         out = []
         for value in values:
             if not self._is_page(value):
                 self.stats_.wrong_pages += 1
+                self.engine.stats.load_failures += 1
                 log.warning("sglang backend: stored value %s %s is not a page %s %s; a miss",
                             list(value.shape), value.dtype, list(self.spec.shape) if self.spec else "?",
                             self.spec.dtype if self.spec else "")

@@ -61,6 +61,7 @@ def test_corrupted_and_foreign_redis_values_are_misses(make_backend, redis_serve
     # the wrong-shaped one is a miss on its own
     assert b.batch_get(keys[2:3]) == [None]
     assert b.stats()["backend"]["wrong_pages"] == 1
+    assert b.metrics.value("lmcache_lab_load_failures_total") == 2
     # rewriting heals the chain
     assert a.batch_set_v1(keys[1:2], page_indices(1, 1, PAGE)) == [True]
     assert b.batch_get_v1(keys[:2], page_indices(8, 2, PAGE)) == [True, True]
