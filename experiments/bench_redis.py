@@ -7,9 +7,10 @@ For realistic chunk sizes, MB/s of chunk payload moved by, all in one run on one
   * both again one chunk per round trip (raw SET/GET, tier `put`/`get`),
   * `redis-benchmark` (the server's own client, 1 connection) SET/GET of the same value size.
 
-Ratios reported: tier/raw (target >= 0.7) and pipelined/one-by-one. Best of `--repeat` rounds, the
-cases interleaved within each round; the keys are deleted before every write so each write moves
-the bytes anew.
+MB/s are the best of `--repeat` rounds. Ratios (tier/raw, target >= 0.7; pipelined/one-by-one)
+are the median over rounds of the ratio of two cases run back to back in that round: on a shared
+machine the load changes by several times within seconds, and only adjacent runs see the same
+load. The keys are deleted before every write so each write moves the bytes anew.
 
     python -m lmcache_lab.experiments.bench_redis [--repeat 3] [--json out.json]
 """
@@ -20,6 +21,7 @@ import json
 import platform
 import shutil
 import socket
+import statistics
 import subprocess
 import tempfile
 import time
@@ -57,9 +59,9 @@ def start_server(workdir: str) -> tuple[subprocess.Popen, int]:
     raise RuntimeError("redis-server did not start")
 
 
-def interleaved_best(cases: list[tuple[str, object, object]], repeat: int) -> dict[str, float]:
-    """Best time of each case over `repeat` rounds; every round runs every case once, so raw and
-    tier runs share the same moments of a busy machine."""
+def interleaved(cases: list[tuple[str, object, object]], repeat: int) -> dict[str, list[float]]:
+    """Times of each case over `repeat` rounds; every round runs every case once, in order, so
+    the cases compared in a ratio run back to back and share the same moments of a busy machine."""
     times: dict[str, list[float]] = {label: [] for label, _, _ in cases}
     for _ in range(repeat):
         for label, fn, setup in cases:
@@ -67,7 +69,12 @@ def interleaved_best(cases: list[tuple[str, object, object]], repeat: int) -> di
             t0 = time.perf_counter()
             fn()
             times[label].append(time.perf_counter() - t0)
-    return {label: min(ts) for label, ts in times.items()}
+    return times
+
+
+def ratio(times: dict[str, list[float]], faster: str, baseline: str) -> float:
+    """Median over rounds of baseline_time / faster_time (throughput of `faster` / `baseline`)."""
+    return round(statistics.median(b / a for a, b in zip(times[faster], times[baseline])), 2)
 
 
 def bench_size(name: str, shape, batch: int, url: str, repeat: int) -> dict:
@@ -122,22 +129,24 @@ def bench_size(name: str, shape, batch: int, url: str, repeat: int) -> dict:
         for k in keys:
             assert tier.get(k) is not None
 
-    t = interleaved_best([
+    t = interleaved([
         ("raw_set_pipelined", raw_set_pipe, flush), ("tier_put_many", tier_put_many, flush),
         ("raw_get_pipelined", raw_get_pipe, nothing), ("tier_get_many", tier_get_many, nothing),
         ("raw_set_one", raw_set_one, flush), ("tier_put_one", tier_put_one, flush),
         ("raw_get_one", raw_get_one, nothing), ("tier_get_one", tier_get_one, nothing)], repeat)
-    mbps = {k: payload / v / 1e6 for k, v in t.items()}
+    mbps = {k: payload / min(v) / 1e6 for k, v in t.items()}
     assert tier.stats.corrupt == 0 and tier.stats.errors == 0
     flush()
     tier.close()
     raw.close()
     out = {"chunk": name, "chunk_bytes": payload // batch, "batch": batch,
            **{f"{k}_MBps": round(v, 1) for k, v in mbps.items()},
-           "put_tier_vs_raw": round(mbps["tier_put_many"] / mbps["raw_set_pipelined"], 2),
-           "get_tier_vs_raw": round(mbps["tier_get_many"] / mbps["raw_get_pipelined"], 2),
-           "put_pipelined_vs_one": round(mbps["tier_put_many"] / mbps["tier_put_one"], 2),
-           "get_pipelined_vs_one": round(mbps["tier_get_many"] / mbps["tier_get_one"], 2)}
+           "put_tier_vs_raw": ratio(t, "tier_put_many", "raw_set_pipelined"),
+           "get_tier_vs_raw": ratio(t, "tier_get_many", "raw_get_pipelined"),
+           "put_tier_vs_raw_one": ratio(t, "tier_put_one", "raw_set_one"),
+           "get_tier_vs_raw_one": ratio(t, "tier_get_one", "raw_get_one"),
+           "put_pipelined_vs_one": ratio(t, "tier_put_many", "tier_put_one"),
+           "get_pipelined_vs_one": ratio(t, "tier_get_many", "tier_get_one")}
     out.update(redis_benchmark(url, len(blobs[0]), batch))
     return out
 
@@ -191,7 +200,8 @@ def print_table(rows: list[dict]) -> None:
     cols = [("chunk", "chunk"), ("batch", "batch"), ("raw_set_pipelined_MBps", "raw SET pipe"),
             ("tier_put_many_MBps", "tier put_many"), ("put_tier_vs_raw", "put tier/raw"),
             ("raw_get_pipelined_MBps", "raw GET pipe"), ("tier_get_many_MBps", "tier get_many"),
-            ("get_tier_vs_raw", "get tier/raw"), ("tier_put_one_MBps", "tier put 1-by-1"),
+            ("get_tier_vs_raw", "get tier/raw"), ("put_tier_vs_raw_one", "put tier/raw 1-by-1"),
+            ("get_tier_vs_raw_one", "get tier/raw 1-by-1"), ("tier_put_one_MBps", "tier put 1-by-1"),
             ("tier_get_one_MBps", "tier get 1-by-1"), ("put_pipelined_vs_one", "put pipe/1"),
             ("get_pipelined_vs_one", "get pipe/1"), ("redis_benchmark_set_MBps", "redis-benchmark SET"),
             ("redis_benchmark_get_MBps", "redis-benchmark GET")]
