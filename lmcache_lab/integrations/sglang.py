@@ -432,19 +432,19 @@ class LMCacheLabStorage(HiCacheStorage):
         if not self._host_ok(keys, host_indices, "batch_set_v1"):
             return [False] * len(keys)
         page, pool, spec = self.spec.page_size, self.mem_pool_host, self.spec
-        if spec.layout is not None:
-            slots = host_indices.to(device="cpu", dtype=torch.int64).contiguous()
-            kv = pool.kv_buffer
-            try:
-                chunk = gather(_kv_caches(kv), spec.layout, slots.to(kv.device)).cpu()
-            except (TypeError, ValueError):
-                self.stats_.errors += 1
-                log.exception("sglang backend: batch_set_v1 could not read host pages")
-                return [False] * len(keys)
-            pages = [chunk[:, :, i * page:(i + 1) * page].contiguous() for i in range(len(keys))]
-        else:
-            pages = [pool.get_data_page(int(host_indices[i * page]), flat=True).to("cpu", copy=True)
-                     for i in range(len(keys))]
+        try:
+            if spec.layout is not None:
+                kv = pool.kv_buffer
+                slots = host_indices.to(device=kv.device, dtype=torch.int64).contiguous()
+                chunk = gather(_kv_caches(kv), spec.layout, slots).cpu()   # [2, L, n*page, H*D]
+                pages = [chunk[:, :, i * page:(i + 1) * page].contiguous() for i in range(len(keys))]
+            else:
+                pages = [pool.get_data_page(int(host_indices[i * page]), flat=True).to("cpu", copy=True)
+                         for i in range(len(keys))]
+        except (TypeError, ValueError, RuntimeError, IndexError):
+            self.stats_.errors += 1
+            log.exception("sglang backend: batch_set_v1 could not read host pages; nothing stored")
+            return [False] * len(keys)
         return self._set_pages(keys, lambda i: self._as_page(pages[i]), extra_info)
 
     def _set_pages(self, keys: Sequence[Any], page_of: Callable[[int], Optional[torch.Tensor]],

@@ -240,3 +240,32 @@ def test_eviction_under_budget_keeps_the_prefix_rule(make_backend):
     assert backend.batch_exists(new) == 2 and backend.batch_exists(old) == 1
     assert backend.batch_get_v1(old, page_indices(8, 3, PAGE)) == [True, False, False]
     assert torch.equal(src.get_data_page(8 * PAGE), src.get_data_page(0))
+
+
+def test_concurrent_callers_get_exact_pages(make_backend):
+    """SGLang calls the backend from its prefetch, prefetch-I/O and backup threads at once."""
+    import threading
+
+    src = pool(seed=14)
+    backend = make_backend({"interface_v1": 1}, pool=src)
+    chains = [page_hashes(list(range(t * 1000, t * 1000 + 3 * PAGE))) for t in range(4)]
+    errors: list[BaseException] = []
+
+    def worker(t: int) -> None:
+        try:
+            for _ in range(5):
+                assert backend.batch_set_v1(chains[t], page_indices(3 * t, 3, PAGE)) == [True] * 3
+                assert backend.batch_exists(chains[t]) == 3
+                got = backend.batch_get(chains[t])
+                for i, g in enumerate(got):
+                    assert torch.equal(g.view(-1), src.get_data_page((3 * t + i) * PAGE))
+        except BaseException as e:  # reported below, in the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert not errors, errors
+    assert backend.stats()["backend"] == {k: 0 for k in backend.stats()["backend"]}

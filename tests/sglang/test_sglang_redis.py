@@ -73,6 +73,7 @@ def test_a_hung_redis_times_out_into_misses(make_backend, redis_server):
     cfg = redis_cfg(redis_server, timeout_s=5.0)              # the tier itself would wait 5 s
     cfg["tiers"]["cpu"]["capacity_bytes"] = 0
     cfg["io_timeout_s"] = 0.3
+    cfg["max_pending"] = 2
     a = make_backend(cfg, pool=src)
     keys = page_hashes(list(range(2 * PAGE)))
     assert a.batch_set_v1(keys, page_indices(0, 2, PAGE)) == [True, True]
@@ -86,7 +87,8 @@ def test_a_hung_redis_times_out_into_misses(make_backend, redis_server):
         assert a.batch_get(keys) == [None, None]
         elapsed = time.perf_counter() - t
         assert elapsed < 2.5, elapsed                         # bounded by io_timeout_s, not 5 s
-        assert a.stats()["backend"]["timeouts"] >= 2
+        assert a.stats()["backend"]["timeouts"] == 2          # two operations wait on the server,
+        assert a.stats()["backend"]["overloaded"] == 1        # the third is refused at once
         assert torch.count_nonzero(dst.kv_buffer) == 0
     finally:
         redis_server.resume()
