@@ -3,7 +3,6 @@ namespaces, the zero-copy path, bad input and corrupted data (memory and disk ti
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import pytest
 import torch
@@ -269,3 +268,15 @@ def test_concurrent_callers_get_exact_pages(make_backend):
         th.join(60)
     assert not errors, errors
     assert backend.stats()["backend"] == {k: 0 for k in backend.stats()["backend"]}
+
+
+def test_clear_empties_every_tier(make_backend, tmp_path):
+    src = pool(seed=15)
+    cfg = {"tiers": {"cpu": {"capacity_bytes": "1MiB"}, "disk": {"path": str(tmp_path)}}}
+    backend = make_backend(cfg, pool=src)
+    keys = page_hashes(list(range(2 * PAGE)))
+    assert backend.batch_set_v1(keys, page_indices(0, 2, PAGE)) == [True, True]
+    assert len(list(tmp_path.glob("*/*.kvc"))) == 2
+    assert backend.clear() is True
+    assert backend.batch_exists(keys) == 0 and not list(tmp_path.glob("*/*.kvc"))
+    assert all(len(t) == 0 and t.used_bytes == 0 for t in backend.engine.tiers)
