@@ -25,9 +25,21 @@ def test_plus_rewrite_only_for_groups_with_a_default():
         ["policy=lfu", "+foo=1", "++policy.x=2", "policy=lru"]
 
 
+def test_default_experiment_is_the_engine_run_and_replay_keeps_its_trace_workload():
+    from hydra import compose, initialize_config_dir
+
+    from lmcache_lab.run import CONF_DIR
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["policy=lfu"])
+        assert cfg.experiment.name == "engine" and cfg.workload._target_.endswith(".multi_round_qa")
+        assert cfg.engine._target_.endswith(".VllmServer") and cfg.model.path == "tiny"
+        cfg = compose("config", overrides=["experiment=replay", "policy=lfu"])
+        assert cfg.experiment.name == "replay" and cfg.workload.trace == "sample" and cfg.model.name == "llama3_8b"
+
+
 @pytest.mark.parametrize("form", ["+policy=lfu", "policy=lfu"])
 def test_main_job_writes_summary_and_plot(tmp_path, form):
-    run([form, f"hydra.run.dir={tmp_path}", "workload.limit=300"], tmp_path)
+    run(["experiment=replay", form, f"hydra.run.dir={tmp_path}", "workload.limit=300"], tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert CONTRACT <= summary.keys() and summary["policy"] == "lfu" and summary["requests"] == 300
     assert summary["config"]["policy"]["name"] == "lfu" and "torch" in summary["versions"]
@@ -48,7 +60,7 @@ def test_replay_contract_with_a_trace_path(tmp_path):
 
 
 def test_sweep_combines_runs_into_one_report(tmp_path):
-    proc = run(["-m", "policy=lru,lfu,cost_aware", "workload.capacity_fraction=0.02,0.1", "workload.limit=300",
+    proc = run(["-m", "experiment=replay", "policy=lru,lfu,cost_aware", "workload.capacity_fraction=0.02,0.1", "workload.limit=300",
                 f"hydra.sweep.dir={tmp_path}"], tmp_path)
     csv = tmp_path / "replay_sweep.csv"
     assert csv.exists(), proc.stdout[-2000:]
