@@ -165,11 +165,17 @@ class SGLangServer:
         except ProcessLookupError:
             pass
 
-    def flush(self) -> None:
-        """Drop SGLang's device and host prefix caches; lmcache_lab's tiers keep their pages."""
-        status = self._get("/flush_cache", timeout=60)
-        if status != 200:
-            raise RuntimeError(f"/flush_cache answered HTTP {status}")
+    def flush(self, timeout_s: float = 120) -> None:
+        """Drop SGLang's device and host prefix caches; lmcache_lab's tiers keep their pages.
+        SGLang refuses while requests or cache write-backs are pending: retried until `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status = self._get("/flush_cache", timeout=60)
+            if status == 200:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"/flush_cache still answers HTTP {status} after {timeout_s}s")
+            time.sleep(1.0)
 
     # ---- requests ------------------------------------------------------------------------------------
     def generate(self, prompt: Sequence[int], max_tokens: int = 8) -> Completion:
@@ -261,11 +267,13 @@ def shared_prefix_workload(num_requests: int = 8, prefix_tokens: int = 2048, suf
     return [prefix + [rng.randrange(10, vocab) for _ in range(suffix_tokens)] for _ in range(num_requests)]
 
 
-def run_twice(driver: SGLangServer, prompts: list[list[int]], max_tokens: int = 8) -> list[dict]:
+def run_twice(driver: SGLangServer, prompts: list[list[int]], max_tokens: int = 8,
+              settle_s: float = 2.0) -> list[dict]:
     """The workload twice, SGLang's own caches flushed before each pass: pass 1 fills lmcache_lab,
     pass 2 can reuse the prefix only through it. One summary per pass."""
     out = []
     for name in ("first", "second"):
+        time.sleep(settle_s)          # let the previous pass's write-backs to lmcache_lab finish
         driver.flush()
         done = [driver.generate(p, max_tokens) for p in prompts]
         prompt = sum(c.prompt_tokens for c in done)

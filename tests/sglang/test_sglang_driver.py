@@ -82,3 +82,57 @@ def test_shared_prefix_workload_shares_exactly_the_prefix():
     prompts = sglang_driver.shared_prefix_workload(4, prefix_tokens=100, suffix_tokens=10)
     assert all(len(p) == 110 and p[:100] == prompts[0][:100] for p in prompts)
     assert len({tuple(p[100:]) for p in prompts}) == 4
+
+
+def test_client_reads_sglang_streams_and_retries_flush():
+    """The driver's client against a loopback HTTP server that answers the way SGLang's
+    /v1/completions (stream + include_usage + --enable-cache-report) and /flush_cache do
+    (sglang/srt/entrypoints/openai/serving_completions.py): token chunks, then a chunk with
+    `choices: []` and the usage, then [DONE]; /flush_cache refuses while write-backs are pending."""
+    import http.server
+    import threading
+
+    seen: set = set()
+    flushes = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            flushes.append(self.path)
+            self.send_response(400 if len(flushes) == 1 else 200)   # first flush refused
+            self.end_headers()
+
+        def do_POST(self):
+            req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            prompt = req["prompt"]
+            cached = 100 if tuple(prompt[:100]) in seen else 0
+            seen.add(tuple(prompt[:100]))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            chunks = [{"choices": [{"index": 0, "text": "x"}]} for _ in range(req["max_tokens"])]
+            chunks.append({"choices": [], "usage": {
+                "prompt_tokens": len(prompt), "completion_tokens": req["max_tokens"],
+                "prompt_tokens_details": {"cached_tokens": cached}}})
+            for c in chunks:
+                self.wfile.write(f"data: {json.dumps(c)}\n\n".encode())
+            self.wfile.write(b"data: [DONE]\n\n")
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        driver = driver_from_hydra_config()
+        driver.port = server.server_address[1]
+        prompts = sglang_driver.shared_prefix_workload(3, prefix_tokens=100, suffix_tokens=5)
+        first, second = sglang_driver.run_twice(driver, prompts, max_tokens=2, settle_s=0)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert flushes == ["/flush_cache"] * 3
+    assert (first["prompt_tokens"], first["cached_tokens"]) == (315, 200)   # 2nd, 3rd share the prefix
+    assert (second["prompt_tokens"], second["cached_tokens"]) == (315, 300)
+    assert all(r["output_tokens"] == 2 and 0 < r["ttft_ms"] <= r["latency_ms"]
+               for r in second["requests_detail"])
