@@ -42,6 +42,8 @@ def test_factory_loads_our_class_with_our_config(make_backend):
     assert backend.engine.tiers[0].capacity_bytes == 2**20
     assert backend.config.policy.name == "lfu"
     assert backend.spec.layout is not None and backend.spec.shape == (2, L, PAGE, H * D)
+    # SGLang reads interface_v1 from the same config object afterwards: it must still be there
+    assert backend.storage_config.extra_config["interface_v1"] == 1
 
 
 def test_factory_reports_a_bad_config_key(make_backend):
