@@ -9,116 +9,138 @@ from lmcache_lab.policies.base import EvictionPolicy
 
 
 class CostAwarePolicy(EvictionPolicy):
-    """Prefix-aware GreedyDual-Size-Frequency (Cherkasova, "Improving WWW proxies performance with
-    Greedy-Dual-Size-Frequency caching policy", HP Labs 1998; GreedyDual: Young, 1994):
+    """Prefix-structure-aware cost-aware eviction: GreedyDual-Size-Frequency (Cherkasova, "Improving
+    WWW proxies performance with Greedy-Dual-Size-Frequency caching policy", HP Labs 1998) with the
+    frequency term replaced by a reuse probability learned online per class of chunk, and the
+    GreedyDual clock by request time (as in hyperbolic caching, Blankstein et al., ATC'17, the
+    value of keeping an item is its expected reuse rate, not its raw count):
 
-        priority(k) = clock + reuse(k) * freq(k) * cost(k) / bytes(k)
+        priority(k) = t_used(k) + horizon * reuse(class(k)) / mean_reuse * cost(k) / bytes(k)
 
-    evict the lowest priority, then set clock to it (ageing: untouched chunks sink below newly
-    used ones).
-      * cost(k): prefill FLOPs to recompute the chunk at its position in its prefix
-        (`lmcache_lab.cost`), in units of a chunk at position 0: deep chunks of long contexts are
-        worth more per byte.
-      * freq(k): uses by later requests (the touch of the request that stored it is not a use),
-        remembered for `ghost_factor` x resident keys after eviction, so a chunk that comes back
-        re-enters with its history (as ARC's ghosts do).
-      * reuse(k): the chain's predicted reuse, learned online per class of chunk: a chunk that
-        ended the request that stored it (its tail: usually a partial block that no later prompt
-        repeats) vs an interior chunk, each class with its running rate of chunks that were used
-        again before eviction (Laplace-smoothed).
-      * admission: a chunk that no request used yet (`freq` 0, not in the ghost) is stored into a
-        full tier only while the victim's priority is below `clock + admit_ratio * its own`: a
-        one-off long context cannot flush chunks whose priority was earned by reuse.
+    the lowest priority is evicted. t_used is the request count at the chunk's last use, horizon
+    the running mean age (requests since last use) of evicted chunks, so a chunk of an average class
+    lives about as long as under LRU, a likely-reused one longer, an unlikely one shorter.
+      * cost(k)/bytes(k): prefill FLOPs to recompute the chunk at its position in its prefix
+        (`lmcache_lab.cost`) per byte, in units of a chunk at position 0.
+      * class(k), read from the chain when a request stores or uses it:
+          stored: (is the request's last chunk, did the request continue an earlier prefix,
+                   log2 of the new segment's length);   used again: ("hit", min(uses, 3)).
+        A request's last chunk is usually a partial block no later prompt repeats; a long new
+        segment after a long hit is a one-off continuation more often than a short one.
+      * reuse(c): (reused + 1) / (entered + 2) over chunks that entered class c, where "reused"
+        means used again while resident or while remembered in a ghost list of 2x the resident
+        count after eviction (so classes the cache evicts early are not starved of evidence).
+      * admission: with `admit_min` > 0, a new chunk whose class is still unknown (no stored
+        class yet: it is being stored now) is always admitted; classes decide only eviction.
+        One-off long contexts are then the first victims instead of flushing reused prefixes.
 
-    Tail first: only leaves sit in the heap. A chunk that gains a resident child leaves the heap
-    (its entry goes stale) and re-enters when its last child is removed. Heap entries are
-    invalidated lazily by a per-key version number: O(log n) per operation.
+    Tail first: only leaves sit in the heap; a parent re-enters when its last child leaves, with
+    the priority it earned at its last use. Heap entries are invalidated lazily by a per-key
+    version number: O(log n) per operation.
     """
     name = "cost_aware"
-    admits_all = False
 
-    def __init__(self, chunk_tokens: int = 256, model: str | dict = "llama3_8b", ghost_factor: float = 1.0,
-                 admit_ratio: float = 0.0, learn_reuse: bool = True, **params):
+    def __init__(self, chunk_tokens: int = 256, model: str | dict = "llama3_8b", ghost_factor: float = 2.0,
+                 weight: float = 1.0, cost_exponent: float = 0.5, **params):
         super().__init__(chunk_tokens, **params)
+        assert ghost_factor >= 0 and weight > 0
         self.model = MODELS[model] if isinstance(model, str) else ModelCost(**model)
         self.ghost_factor = ghost_factor
-        self.admit_ratio = admit_ratio
-        self.learn_reuse = learn_reuse
-        if admit_ratio <= 0:
-            self.admits_all = True
-        self.clock = 0.0
+        self.weight = weight
+        self.cost_exponent = cost_exponent
+        self.now = 0                 # requests seen (on_access calls that carried a new segment or a hit)
+        self.horizon = 1.0           # running mean age of evicted chunks, in requests
         self._unit = self.model.chunk_flops(chunk_tokens, 0)
         self._heap: list = []
         self._seq = itertools.count()
-        self._version: dict = {}   # key -> version of its live heap entry (None: not in heap)
-        self._freq: dict = {}
-        self._h: dict = {}         # key -> priority earned at its last access
-        self._value: dict = {}     # cost / bytes (x bytes of a chunk: dimensionless)
-        self._cls: dict = {}       # key -> 0 interior, 1 tail of the request that stored it
-        self._fresh: set = set()   # stored by the current request
-        self._ghost: OrderedDict = OrderedDict()   # evicted key -> freq
-        # per class (tail?, min(freq, 3)): [keys that were used again while in it + 1, keys that entered it + 2]
-        self._stats = {(t, f): [1, 2] for t in (0, 1) for f in range(4)}
+        self._version: dict = {}     # key -> version of its live heap entry (None: not in heap)
+        self._h: dict = {}           # key -> priority earned at its last use
+        self._t: dict = {}           # key -> request count at its last use
+        self._value: dict = {}       # cost / bytes in units of a position-0 chunk
+        self._cls: dict = {}         # key -> class
+        self._uses: dict = {}
+        self._fresh: set = set()     # stored by the current request, class not yet known
+        self._ghost: OrderedDict = OrderedDict()   # evicted key -> its class when evicted
+        self._stats: dict = {}       # class -> [reused + 1, entered + 2]
+        self._total = [1, 2]
 
-    def _class(self, key):
-        return self._cls[key], min(self._freq[key], 3)
+    # ---- learned reuse ------------------------------------------------------------------------
+    def _enter(self, key, cls):
+        self._cls[key] = cls
+        s = self._stats.get(cls)
+        if s is None:
+            s = self._stats[cls] = [1, 2]
+        s[1] += 1
+        self._total[1] += 1
 
-    def _reuse(self, key):
-        if not self.learn_reuse:
-            return 1.0 + self._freq[key]
-        hit, n = self._stats[self._class(key)]
+    def _reused(self, cls):
+        self._stats[cls][0] += 1
+        self._total[0] += 1
+
+    def reuse_estimate(self, key) -> float:
+        """Learned probability that a chunk of `key`'s class is used again."""
+        hit, n = self._stats[self._cls[key]]
         return hit / n
 
     def _priority(self, key):
-        return self.clock + self._reuse(key) * self._value[key]
+        hit, n = self._stats[self._cls[key]]
+        mean_hit, mean_n = self._total
+        rate = (hit / n) / (mean_hit / mean_n)
+        return self.now + self.weight * self.horizon * rate * self._value[key]
 
     def _push(self, key, renew=True):
-        """(Re)enter the heap; `renew` recomputes the priority (an access), else it keeps the one
-        earned at the last access (a parent that becomes a leaf is not 'used' by that)."""
         if renew:
+            self._t[key] = self.now
             self._h[key] = self._priority(key)
         v = next(self._seq)
         self._version[key] = v
         heapq.heappush(self._heap, (self._h[key], v, key))
 
+    # ---- policy hooks -------------------------------------------------------------------------
     def _inserted(self, key, nbytes, position):
         cost = self.model.chunk_flops(self.chunk_tokens, position) / self._unit
-        self._value[key] = cost * self.chunk_tokens * self.model.kv_bytes_per_token / max(nbytes, 1)
-        self._freq[key] = self._ghost.pop(key, 0)
-        self._cls[key] = 0
+        self._value[key] = (cost * self.chunk_tokens * self.model.kv_bytes_per_token / max(nbytes, 1)) ** self.cost_exponent
+        cls = self._ghost.pop(key, None)
+        if cls is not None:
+            self._reused(cls)        # came back soon after eviction: its class was worth keeping
+        self._uses[key] = 0
+        self._enter(key, ("new",))   # provisional, until the request's touch gives the segment
         self._fresh.add(key)
-        self._stats[0, min(self._freq[key], 3)][1] += 1
         self._push(key)
 
     def on_access(self, chain):
-        fresh, freq, children, stats = self._fresh, self._freq, self._children, self._stats
-        last = chain[-1] if chain else None
+        if not chain:
+            return
+        self.now += 1
+        fresh, children, uses = self._fresh, self._children, self._uses
+        new = sum(1 for k in chain if k in fresh) if fresh else 0
+        cont = len(chain) - new > 1
+        seg = min(new, 256).bit_length()
+        last = chain[-1]
         for key in reversed(chain):
             if key in fresh:
                 fresh.discard(key)
-                if key == last:
-                    stats[0, min(freq[key], 3)][1] -= 1
-                    self._cls[key] = 1
-                    stats[1, min(freq[key], 3)][1] += 1
+                self._stats[self._cls[key]][1] -= 1
+                self._total[1] -= 1
+                self._enter(key, (key == last, cont, seg))
             else:
-                c = self._cls[key]
-                f = freq[key]
-                stats[c, min(f, 3)][0] += 1
-                freq[key] = f + 1
-                stats[c, min(f + 1, 3)][1] += 1
+                self._reused(self._cls[key])
+                u = uses[key] = uses[key] + 1
+                self._enter(key, ("hit", min(u, 3)))
             if key in children:
+                self._t[key] = self.now
                 self._h[key] = self._priority(key)
             else:
                 self._push(key)
 
     def _removed(self, key):
-        del self._cls[key]
-        self._ghost[key] = self._freq.pop(key)
+        self.horizon += 0.01 * ((self.now - self._t.pop(key)) - self.horizon)
+        self._ghost[key] = self._cls.pop(key)
         limit = self.ghost_factor * len(self._value)
         while self._ghost and len(self._ghost) > limit:
             self._ghost.popitem(last=False)
         self._fresh.discard(key)
-        del self._version[key], self._value[key], self._h[key]
+        del self._version[key], self._value[key], self._h[key], self._uses[key]
 
     def _leaf_changed(self, key, is_leaf):
         if is_leaf:
@@ -126,30 +148,18 @@ class CostAwarePolicy(EvictionPolicy):
         else:
             self._version[key] = None
 
-    def _top(self):
-        heap, version = self._heap, self._version
-        while heap and version.get(heap[0][2]) != heap[0][1]:
-            heapq.heappop(heap)
-        return heap[0] if heap else None
-
-    def admit(self, key, nbytes, parent=None, position=0):
-        if key in self._ghost:
-            return True
-        top = self._top()
-        if top is None:
-            return True
-        cost = self.model.chunk_flops(self.chunk_tokens, position) / self._unit
-        return top[0] < self.clock + self.admit_ratio * cost
-
     def victim(self, can_evict=None):
-        skipped = []
-        found = None
-        while (top := self._top()) is not None:
+        heap, version = self._heap, self._version
+        skipped, found = [], None
+        while heap:
+            top = heap[0]
+            if version.get(top[2]) != top[1]:
+                heapq.heappop(heap)
+                continue
             if can_evict is None or can_evict(top[2]):
                 found = top[2]
-                self.clock = top[0]
                 break
-            skipped.append(heapq.heappop(self._heap))
+            skipped.append(heapq.heappop(heap))
         for entry in skipped:
-            heapq.heappush(self._heap, entry)
+            heapq.heappush(heap, entry)
         return found

@@ -37,6 +37,7 @@ class TierStats:
     bytes_read: int = 0
     evictions: int = 0
     rejected: int = 0   # puts refused: larger than the budget, or only pinned victims left
+    declined: int = 0   # puts the policy chose not to admit (a full tier, `policy.admit` False)
     corrupt: int = 0    # values that failed verification (counted misses)
     errors: int = 0     # backend faults (I/O errors, timeouts): counted misses
 
@@ -47,6 +48,9 @@ class BudgetedTier:
 
     def __init__(self, capacity_bytes: int, policy: EvictionPolicy):
         assert capacity_bytes >= 0
+        if policy is not None and policy.offline and not getattr(policy, "prepared", False):
+            raise ValueError(f"policy {policy.name!r} is offline: it needs the future of a trace and runs "
+                             f"only in the trace replay (experiment=replay); choose an online policy")
         self.capacity_bytes = capacity_bytes
         self.policy = policy
         self.used_bytes = 0
@@ -104,9 +108,13 @@ class BudgetedTier:
         if key in self._sizes:
             return True
         nbytes = self._stored_nbytes(key, value, parent, position)
-        if self.used_bytes + nbytes > self.capacity_bytes and not self._make_room(nbytes, parent):
-            self.stats.rejected += 1
-            return False
+        if self.used_bytes + nbytes > self.capacity_bytes:
+            if not self.policy.admits_all and not self.policy.admit(key, nbytes, parent, position):
+                self.stats.declined += 1
+                return False
+            if not self._make_room(nbytes, parent):
+                self.stats.rejected += 1
+                return False
         if not self._write(key, value, nbytes):
             self.stats.errors += 1
             return False
@@ -125,28 +133,52 @@ class BudgetedTier:
         single value used for every key. Returns how many leading keys are resident afterwards
         (stops at the first refused chunk: a child without its parent would be an orphan).
         Making room never evicts the chain's own parent (it is a leaf until its child lands; its
-        ancestors are not leaves). The batch form of `put`, for the store path and the replay."""
-        sizes, stats, on_insert, write = self._sizes, self.stats, self.policy.on_insert, self._write
+        ancestors are not leaves). The batch form of `put`, for the store path and the replay:
+        one loop that evicts inline (`_make_room`'s rule, without a call per chunk)."""
+        sizes, stats, policy, write, drop = self._sizes, self.stats, self.policy, self._write, self._drop
+        on_insert, pop_victim = policy.on_insert, policy.pop_victim
         per_key = isinstance(values, (list, tuple))
+        admits_all = policy.admits_all
         fixed = None if per_key or self.encodes else payload_nbytes(values)
-        for i, key in enumerate(keys):
-            if key not in sizes:
-                value = values[i] if per_key else values
-                pos = position + i * step
-                nbytes = fixed or self._stored_nbytes(key, value, parent, pos)
-                if self.used_bytes + nbytes > self.capacity_bytes and not self._make_room(nbytes, parent):
-                    stats.rejected += 1
-                    return i
-                if not write(key, value, nbytes):
-                    stats.errors += 1
-                    return i
-                sizes[key] = nbytes
-                self.used_bytes += nbytes
-                stats.inserts += 1
-                stats.bytes_written += nbytes
-                on_insert(key, nbytes, parent, pos)
-            parent = key
-        return len(keys)
+        capacity, pins = self.capacity_bytes, self._pins
+        used = self.used_bytes
+
+        def can_evict(k):  # reads `parent` as the loop moves it: never the chain's own parent
+            return k != parent and k not in pins
+
+        try:
+            for i, key in enumerate(keys):
+                if key not in sizes:
+                    value = values[i] if per_key else values
+                    pos = position + i * step
+                    nbytes = fixed or self._stored_nbytes(key, value, parent, pos)
+                    if used + nbytes > capacity:
+                        if not admits_all and not policy.admit(key, nbytes, parent, pos):
+                            stats.declined += 1
+                            return i
+                        if nbytes > capacity:
+                            stats.rejected += 1
+                            return i
+                        while used + nbytes > capacity:
+                            victim = pop_victim(can_evict)
+                            if victim is None:
+                                stats.rejected += 1
+                                return i
+                            drop(victim)
+                            used -= sizes.pop(victim)
+                            stats.evictions += 1
+                    if not write(key, value, nbytes):
+                        stats.errors += 1
+                        return i
+                    sizes[key] = nbytes
+                    used += nbytes
+                    stats.inserts += 1
+                    stats.bytes_written += nbytes
+                    on_insert(key, nbytes, parent, pos)
+                parent = key
+            return len(keys)
+        finally:
+            self.used_bytes = used
 
     def get(self, key: Key) -> Any | None:
         if key not in self._sizes:
