@@ -10,6 +10,14 @@ Per request, in order (what a live engine does at lookup, load and store):
     the hit chain is touched                                           (it was loaded)
     every block after the hit is stored (evicting as the policy says)  (the engine computed it)
     the request's resident chain is touched, deepest first             (tail-first recency)
+
+Offline policies (`belady`, `belady_prefix`) get the future: `prepare(chains)` with every
+request's block ids before the tier is built, and `advance(r)` before request `r` is served.
+
+Metrics besides hit rates (summary.json): prefill FLOPs saved (`lmcache_lab.cost`), bytes written
+to the tier (every stored block; write amplification for disk/Redis), bytes loaded from it, and a
+TTFT estimate per request from `TTFTModel` (prefill of the missed tokens at their positions + load
+of the hit bytes), next to the same estimate with no cache.
 """
 from __future__ import annotations
 
@@ -21,9 +29,9 @@ from typing import Sequence
 
 import numpy as np
 
-from lmcache_lab.cost import MODELS, ModelCost
+from lmcache_lab.cost import MODELS, ModelCost, TTFTModel
 from lmcache_lab.experiments.trace import BLOCK_TOKENS, TraceRequest, load_trace, unique_blocks
-from lmcache_lab.policies import make_policy
+from lmcache_lab.policies import EvictionPolicy, make_policy
 from lmcache_lab.tiers import MemoryTier
 
 
@@ -58,10 +66,7 @@ class ReplayResult:
 def replay(requests: Sequence[TraceRequest], tier: MemoryTier, model: ModelCost,
            block_tokens: int = BLOCK_TOKENS, progress: bool = False) -> ReplayResult:
     R = len(requests)
-    hit_blocks = np.zeros(R, dtype=np.int64)
-    blocks = np.zeros(R, dtype=np.int64)
-    hit_tokens = np.zeros(R, dtype=np.int64)
-    tokens = np.zeros(R, dtype=np.int64)
+    hit_list: list[int] = []
     block = Placeholder(block_tokens * model.kv_bytes_per_token)
     prefix_length, put_chain, touch = tier.prefix_length, tier.put_chain, tier.touch
 
@@ -69,28 +74,78 @@ def replay(requests: Sequence[TraceRequest], tier: MemoryTier, model: ModelCost,
     if progress:
         from tqdm import tqdm
         iterator = tqdm(requests, desc=f"replay {tier.policy.name}", unit="req", mininterval=0.5)
+    advance = tier.policy.advance if tier.policy.offline else None
     t0 = time.perf_counter()
     for r, req in enumerate(iterator):
         ids = req.hash_ids
+        if advance is not None:
+            advance(r)
         n = prefix_length(ids)
         if n:
             touch(ids[:n])
         if n < len(ids):
             put_chain(ids[n:], block, ids[n - 1] if n else None, n * block_tokens, block_tokens)
         touch(ids)
-        hit_blocks[r] = n
-        blocks[r] = len(ids)
-        last = req.last_block_tokens(block_tokens)
-        tokens[r] = (len(ids) - 1) * block_tokens + last
-        hit_tokens[r] = n * block_tokens if n < len(ids) else tokens[r]
+        hit_list.append(n)
     seconds = time.perf_counter() - t0
+    hit_blocks = np.asarray(hit_list, dtype=np.int64)
+    blocks = np.fromiter((len(req.hash_ids) for req in requests), dtype=np.int64, count=R)
+    tokens = np.fromiter(((len(req.hash_ids) - 1) * block_tokens + req.last_block_tokens(block_tokens)
+                          for req in requests), dtype=np.int64, count=R)
+    hit_tokens = np.where(hit_blocks < blocks, hit_blocks * block_tokens, tokens)
     # sum over hit chunks of chunk_flops(c, i*c) telescopes to prefix_flops(hit tokens)
-    flops = np.vectorize(model.prefix_flops, otypes=[float])
     return ReplayResult(hit_blocks, blocks, hit_tokens, tokens,
-                        flops_saved=float(flops(hit_tokens).sum()) if R else 0.0,
-                        flops_total=float(flops(tokens).sum()) if R else 0.0,
+                        flops_saved=float(model.prefix_flops(hit_tokens.astype(np.float64)).sum()) if R else 0.0,
+                        flops_total=float(model.prefix_flops(tokens.astype(np.float64)).sum()) if R else 0.0,
                         bytes_written=tier.stats.bytes_written, evictions=tier.stats.evictions,
                         seconds=seconds)
+
+
+def replay_tier(requests: Sequence[TraceRequest], policy: EvictionPolicy, capacity_bytes: int) -> MemoryTier:
+    """The tier a replay drives; an offline policy is first given the trace's future."""
+    if policy.offline:
+        policy.prepare([req.hash_ids for req in requests])
+    return MemoryTier(capacity_bytes, policy)
+
+
+def infinite_cache(requests: Sequence[TraceRequest], model: ModelCost,
+                   block_tokens: int = BLOCK_TOKENS) -> tuple[float, float]:
+    """(chunk hit rate, prefill FLOPs saved fraction) of a cache that never evicts: the absolute
+    ceiling of any policy at any capacity."""
+    seen: set = set()
+    hits = total = 0
+    hit_tokens, tokens = [], []
+    for req in requests:
+        ids = req.hash_ids
+        n = 0
+        for key in ids:
+            if key not in seen:
+                break
+            n += 1
+        hits += n
+        total += len(ids)
+        seen.update(ids)
+        t = (len(ids) - 1) * block_tokens + req.last_block_tokens(block_tokens)
+        tokens.append(t)
+        hit_tokens.append(n * block_tokens if n < len(ids) else t)
+    flops_total = model.prefix_flops(np.asarray(tokens, dtype=np.float64)).sum()
+    flops_saved = model.prefix_flops(np.asarray(hit_tokens, dtype=np.float64)).sum()
+    return hits / max(1, total), float(flops_saved / flops_total) if flops_total else 0.0
+
+
+def ttft_stats(result: ReplayResult, model: ModelCost, ttft: TTFTModel, block_bytes: int) -> dict:
+    """Mean / p50 / p90 estimated TTFT (s) with this cache and with none."""
+    total = model.prefix_flops(result.tokens.astype(np.float64))      # [R], elementwise
+    miss_flops = total - model.prefix_flops(result.hit_tokens.astype(np.float64))
+    with_cache = ttft.seconds(miss_flops, result.hit_blocks * float(block_bytes))
+    cold = ttft.seconds(total, 0.0)
+    out = {}
+    for name, arr in (("ttft", with_cache), ("ttft_no_cache", cold)):
+        if len(arr):
+            out[f"{name}_mean_s"] = float(arr.mean())
+            out[f"{name}_p50_s"] = float(np.percentile(arr, 50))
+            out[f"{name}_p90_s"] = float(np.percentile(arr, 90))
+    return out
 
 
 def capacity_for(workload, requests: Sequence[TraceRequest], block_bytes: int,
@@ -109,6 +164,18 @@ def capacity_for(workload, requests: Sequence[TraceRequest], block_bytes: int,
     return blocks, blocks * block_bytes
 
 
+_LOADED: dict = {}   # (trace, limit) -> (requests, unique blocks, infinite cache): a sweep loads once
+
+
+def _load(trace, limit, model: ModelCost, block_tokens: int):
+    key = (str(trace), limit, model, block_tokens)
+    if key not in _LOADED:
+        requests = load_trace(trace, limit=limit)
+        _LOADED.clear()
+        _LOADED[key] = requests, unique_blocks(requests), infinite_cache(requests, model, block_tokens)
+    return _LOADED[key]
+
+
 def run_replay(cfg, out_dir: Path) -> dict:
     """Replay `cfg.workload.trace` under `cfg.policy` and write summary.json + plots."""
     from omegaconf import OmegaConf
@@ -122,12 +189,14 @@ def run_replay(cfg, out_dir: Path) -> dict:
     model = MODELS[cfg.model.name] if "name" in cfg.model and cfg.model.name in MODELS else ModelCost(
         **{k: cfg.model[k] for k in ("n_params", "n_layers", "d_attn", "kv_bytes_per_token")})
     block_tokens = int(wl.get("block_tokens", BLOCK_TOKENS))
-    requests = load_trace(wl.trace, limit=wl.get("limit"))
+    requests, n_unique, (inf_hit, inf_flops) = _load(wl.trace, wl.get("limit"), model, block_tokens)
     block_bytes = block_tokens * model.kv_bytes_per_token
     cap_blocks, cap_bytes = capacity_for(wl, requests, block_bytes, cache_cfg.tiers.cpu.capacity_bytes)
     policy = make_policy(cache_cfg.policy.name, chunk_tokens=block_tokens, **cache_cfg.policy.params)
-    tier = MemoryTier(cap_bytes, policy)
+    tier = replay_tier(requests, policy, cap_bytes)
     result = replay(requests, tier, model, block_tokens, progress=bool(cfg.get("progress", True)))
+    exp = cfg.get("experiment", {})
+    ttft = TTFTModel(**{k: float(v) for k, v in exp.get("ttft", {}).items()})
 
     summary = {
         "experiment": "replay",
@@ -139,7 +208,7 @@ def run_replay(cfg, out_dir: Path) -> dict:
         "block_tokens": block_tokens,
         "requests": len(requests),
         "blocks": int(result.blocks.sum()),
-        "unique_blocks": unique_blocks(requests),
+        "unique_blocks": n_unique,
         "chunk_hit_rate": result.chunk_hit_rate,
         "token_hit_rate": result.token_hit_rate,
         "flops_saved": result.flops_saved,
@@ -148,6 +217,14 @@ def run_replay(cfg, out_dir: Path) -> dict:
         "bytes_written": result.bytes_written,
         "evictions": result.evictions,
         "replay_seconds": result.seconds,
+        "offline": policy.offline,
+        "infinite_chunk_hit_rate": inf_hit,
+        "infinite_flops_saved_fraction": inf_flops,
+        "bytes_loaded": int(result.hit_blocks.sum()) * block_bytes,
+        "write_amplification": result.bytes_written / max(1, int(result.blocks.sum()) * block_bytes),
+        "declined": tier.stats.declined,
+        **ttft_stats(result, model, ttft, block_bytes),
+        "ttft_model": ttft.describe(),
         **result.extra,
     }
     report.write_summary(out_dir, summary, cfg)
@@ -155,6 +232,7 @@ def run_replay(cfg, out_dir: Path) -> dict:
                                    title=f"{Path(str(wl.trace)).name} · {summary['policy']} · "
                                          f"{cap_blocks} blocks")
     report.print_summary(summary, ["policy", "requests", "capacity_blocks", "chunk_hit_rate", "token_hit_rate",
-                                   "flops_saved_fraction", "bytes_written", "evictions", "replay_seconds"])
+                                   "flops_saved_fraction", "bytes_written", "ttft_mean_s", "ttft_no_cache_mean_s",
+                                   "infinite_chunk_hit_rate", "replay_seconds"])
     print(f"run dir: {out_dir}")
     return summary

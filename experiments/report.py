@@ -73,38 +73,84 @@ def load_summaries(root: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(Path(root).rglob(SUMMARY)) if p.parent != Path(root)]
 
 
+REPLAY_COLUMNS = ["trace", "policy", "offline", "capacity_fraction", "capacity_blocks", "chunk_hit_rate",
+                  "token_hit_rate", "flops_saved_fraction", "bytes_written", "write_amplification", "evictions",
+                  "declined", "ttft_mean_s", "ttft_p90_s", "ttft_no_cache_mean_s", "infinite_chunk_hit_rate",
+                  "infinite_flops_saved_fraction", "replay_seconds", "requests"]
+CEILING = ("belady_prefix", "belady")   # the offline policy a gap is measured to, best first
+
+
+def gap_table(df):
+    """Per trace and capacity: LRU, the best online policy, the Belady ceiling, and the share of
+    the LRU -> Belady gap in chunk hit rate that the best online policy closes."""
+    import pandas as pd
+
+    rows = []
+    for (trace, cap), g in df.groupby(["trace", "capacity_blocks"]):
+        by = g.set_index("policy")
+        ceiling = next((c for c in CEILING if c in by.index), None)
+        online = g[~g["offline"].astype(bool)] if "offline" in g else g
+        if ceiling is None or "lru" not in by.index or online.empty:
+            continue
+        best = online.loc[online["chunk_hit_rate"].idxmax()]
+        lru, top = by.loc["lru", "chunk_hit_rate"], by.loc[ceiling, "chunk_hit_rate"]
+        rows.append({"trace": Path(str(trace)).name, "capacity_fraction": g["capacity_fraction"].iloc[0],
+                     "capacity_blocks": cap, "lru": lru, "best_online": best["policy"],
+                     "best_online_hit_rate": best["chunk_hit_rate"], "ceiling": ceiling, "ceiling_hit_rate": top,
+                     "infinite": g["infinite_chunk_hit_rate"].iloc[0] if "infinite_chunk_hit_rate" in g else None,
+                     "gap_closed": (best["chunk_hit_rate"] - lru) / (top - lru) if top > lru else float("nan"),
+                     "lru_flops_saved": by.loc["lru", "flops_saved_fraction"],
+                     "best_online_flops_saved": best["flops_saved_fraction"]})
+    return pd.DataFrame(rows)
+
+
 def replay_sweep_report(root: Path) -> Path | None:
-    """Combine the replay runs under a sweep dir: CSV + one plot per trace of hit rate and FLOPs
-    saved against capacity, one line per policy."""
+    """Combine the replay runs under a sweep dir: `replay_sweep.csv` (one row per run),
+    `replay_gap.csv` (LRU -> Belady gap closed by the best online policy, per trace and capacity),
+    and one figure per trace: chunk hit rate and prefill FLOPs saved against capacity, one line per
+    policy, offline policies dashed, the infinite cache as a dotted ceiling."""
     import pandas as pd
 
     rows = [s for s in load_summaries(root) if s.get("experiment") == "replay"]
     if not rows:
         return None
-    cols = ["trace", "policy", "capacity_fraction", "capacity_blocks", "capacity_bytes", "chunk_hit_rate",
-            "token_hit_rate", "flops_saved_fraction", "bytes_written", "evictions", "requests"]
     df = pd.DataFrame(rows)
-    df = df[[c for c in cols if c in df.columns]].sort_values(["trace", "policy", "capacity_blocks"])
+    if "offline" not in df:
+        df["offline"] = False
+    df["offline"] = df["offline"].fillna(False).astype(bool)
+    df = df[[c for c in REPLAY_COLUMNS if c in df.columns]].sort_values(["trace", "offline", "policy",
+                                                                           "capacity_blocks"])
     csv = Path(root) / "replay_sweep.csv"
     df.to_csv(csv, index=False)
+    gaps = gap_table(df)
+    if not gaps.empty:
+        gaps.to_csv(Path(root) / "replay_gap.csv", index=False)
     plt = _pyplot()
     for trace, group in df.groupby("trace"):
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for policy, g in group.groupby("policy"):
-            x = g["capacity_fraction"] if g["capacity_fraction"].notna().all() else g["capacity_blocks"]
-            axes[0].plot(x, g["chunk_hit_rate"], marker="o", label=policy)
-            axes[1].plot(x, g["flops_saved_fraction"], marker="o", label=policy)
-        xlabel = "capacity (fraction of unique blocks)" if group["capacity_fraction"].notna().all() else "capacity (blocks)"
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        by_fraction = group["capacity_fraction"].notna().all()
+        xcol = "capacity_fraction" if by_fraction else "capacity_blocks"
+        for policy, g in group.groupby("policy", sort=False):
+            style = "--" if bool(g["offline"].iloc[0]) else "-"
+            axes[0].plot(g[xcol], g["chunk_hit_rate"], style, marker="o", label=policy)
+            axes[1].plot(g[xcol], g["flops_saved_fraction"], style, marker="o", label=policy)
+        for ax, col in zip(axes, ["infinite_chunk_hit_rate", "infinite_flops_saved_fraction"]):
+            if col in group and group[col].notna().any():
+                ax.axhline(float(group[col].iloc[0]), color="k", linestyle=":", label="infinite cache")
+        xlabel = "capacity (fraction of unique blocks)" if by_fraction else "capacity (blocks)"
         for ax, ylabel in zip(axes, ["chunk hit rate", "prefill FLOPs saved (fraction)"]):
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
+            ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)
-        axes[0].legend()
+        axes[0].legend(fontsize=8, ncol=2)
         fig.suptitle(Path(str(trace)).name, fontsize=10)
         fig.tight_layout()
         fig.savefig(Path(root) / f"hit_rate_vs_capacity_{Path(str(trace)).stem}.png", dpi=110)
         plt.close(fig)
     print_table(df)
+    if not gaps.empty:
+        print_table(gaps)
     return csv
 
 
