@@ -31,21 +31,25 @@ def test_lfu_evicts_least_frequent_then_least_recent():
 
 def test_cost_aware_keeps_expensive_per_byte_and_ages():
     p = make_policy("cost_aware", chunk_tokens=256)
-    p.on_insert("deep", 100, position=100_000)   # deep chunk: attention term makes it costly
-    p.on_insert("shallow", 100, position=0)
-    p.on_insert("big", 10_000, position=0)      # same cost, 100x the bytes: least value per byte
+    chunk = 256 * 131072                          # bytes of a 256-token Llama-3-8B chunk
+    p.on_insert("deep", chunk, position=100_000)  # deep chunk: attention term makes it costly
+    p.on_insert("shallow", chunk, position=0)
+    p.on_insert("big", 100 * chunk, position=0)  # same cost, 100x the bytes: least value per byte
     assert p.pop_victim() == "big"
     assert p.pop_victim() == "shallow"
-    # ageing: after evictions the clock rises, so a newly inserted cheap chunk outranks stale ones
-    p.on_insert("new", 100, position=0)
-    assert p.clock > 0
+    # ageing: a chunk used many requests later outranks the stale expensive one
+    p.on_insert("new", chunk, position=0)
+    for _ in range(50):
+        p.on_access(["new"])
+    assert p.pop_victim() == "deep"
 
 
 def test_cost_aware_frequency_counts():
     p = make_policy("cost_aware")
-    p.on_insert("a", 100)
-    p.on_insert("b", 100)
-    p.on_access(["a"])
+    p.on_insert("a", 256 * 131072)
+    p.on_insert("b", 256 * 131072)
+    p.on_access(["b"]); p.on_access(["a"])  # noqa: E702  the requests that stored them
+    p.on_access(["a"])                      # a later request uses a
     assert p.pop_victim() == "b"
 
 
