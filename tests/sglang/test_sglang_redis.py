@@ -86,7 +86,7 @@ def test_a_hung_redis_times_out_into_misses(make_backend, redis_server):
         assert a.batch_get_v1(keys, page_indices(4, 2, PAGE)) == [False, False]
         assert a.batch_get(keys) == [None, None]
         elapsed = time.perf_counter() - t
-        assert elapsed < 2.5, elapsed                         # bounded by io_timeout_s, not 5 s
+        assert elapsed < 4.0, elapsed                         # io_timeout_s, not the 5 s per read
         assert a.stats()["backend"]["timeouts"] == 2          # two operations wait on the server,
         assert a.stats()["backend"]["overloaded"] == 1        # the third is refused at once
         assert torch.count_nonzero(dst.kv_buffer) == 0
