@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import socket
@@ -186,7 +187,9 @@ def main(argv: list[str] | None = None) -> dict:
         finally:
             proc.kill()
             proc.wait()
-    result = {"machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s)",
+    gpu = "GPU" if torch.cuda.is_available() else "no GPU"
+    result = {"machine": f"{os.cpu_count()}-core {platform.machine()} CPU, {gpu}; "
+                         f"{torch.get_num_threads()} torch thread; load average {os.getloadavg()[0]:.1f}",
               "redis_server": subprocess.run(["redis-server", "--version"], capture_output=True,
                                              text=True).stdout.split()[2], "rows": rows}
     print_table(rows)

@@ -54,7 +54,7 @@ def test_down_at_start_up_serves_misses_then_reconnects_by_itself(redis_factory,
         assert eng.lookup(TOKENS) == 0
         assert eng.store(TOKENS, KV) == 0          # refused quietly
         assert eng.retrieve(TOKENS) == []
-        assert time.monotonic() - t0 < 0.5         # no request waits for the dead server
+        assert time.monotonic() - t0 < 1.0         # no request waits for the dead server
         assert redis_tier.stats.skipped > 0
         server.start()
         assert wait_until(lambda: redis_tier.available, timeout=10)
@@ -97,7 +97,7 @@ def test_an_unresponsive_server_costs_one_timeout_then_misses_until_it_answers(r
         assert t.stats.timeouts == 1 and not t.available
         t0 = time.monotonic()
         assert t.get(key(0)) is None and t.prefix_length([key(0)]) == 0
-        assert time.monotonic() - t0 < 0.1 and t.stats.skipped == 2
+        assert time.monotonic() - t0 < 0.3 and t.stats.skipped == 2   # two timeouts would be 0.4 s
         redis_server.resume()
         assert wait_until(lambda: t.available, timeout=10)
         assert torch.equal(t.get(key(0))["kv"], chunk(0)["kv"])
