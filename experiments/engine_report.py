@@ -79,6 +79,8 @@ def plot_ttft_by_request(df: pd.DataFrame, path: Path, title: str = "") -> Path:
             d = d.sort_values("index")
             ax.plot(d["index"], d["ttft_ms"], marker=".", lw=0.8, label=arm)
     ax.set_yscale("log")
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round (mean over users)" if by_round else "request index")
     ax.set_ylabel("TTFT (ms, log scale)")
     ax.grid(alpha=0.3)
