@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from lmcache_lab.kernels.layout import KVLayout
 from lmcache_lab.kernels.paged import gather, scatter
@@ -258,3 +259,32 @@ def test_sglang_needs_pairs():
         gather([torch.zeros(layout.layer_shape)] * L, layout, torch.tensor([0]))
     with pytest.raises(TypeError, match="not one tensor"):
         gather(torch.zeros(L, *layout.layer_shape), layout, torch.tensor([0]))
+
+
+# ----------------------------------------------------------------------------- property
+
+@settings(max_examples=60, deadline=None)
+@given(layout_name=st.sampled_from(LAYOUTS),
+       picks=st.lists(st.integers(-1, B * BS - 1), max_size=2 * B * BS),
+       runs=st.booleans())
+def test_torch_path_matches_reference_on_any_slots(layout_name, picks, runs):
+    """Any slot mapping (runs inside and across blocks, scattered, padding): the torch path's
+    run/index planning gives the reference's chunk, and scatter writes exactly those slots."""
+    layout = make_layout(layout_name)
+    if runs and picks:                     # stretch the first pick into a run of slots
+        start = max(picks[0], 0)
+        picks = list(range(start, min(start + len(picks), B * BS)))
+    seen, slots_l = set(), []
+    for s in picks:                        # scatter needs distinct slots: later repeats -> -1
+        slots_l.append(-1 if s in seen else s)
+        if s >= 0:
+            seen.add(s)
+    slots = torch.tensor(slots_l, dtype=torch.int64)
+    caches = make_caches(layout, torch.float32, special=False)
+    want = gather(caches, layout, slots, backend="reference")
+    assert torch.equal(gather(caches, layout, slots, backend="torch"), want)
+    got_c = make_caches(layout, torch.float32, seed=3, special=False)
+    ref_c = make_caches(layout, torch.float32, seed=3, special=False)
+    scatter(want, got_c, layout, slots, backend="torch")
+    scatter(want, ref_c, layout, slots, backend="reference")
+    assert all(torch.equal(a, b) for a, b in zip(cache_bits(got_c), cache_bits(ref_c)))
