@@ -216,3 +216,14 @@ def test_large_batches_go_in_bounded_pipelines_small_ones_share_one(redis_server
         assert calls == [40, 40]                                 # one pipeline each way
     finally:
         small.close()
+
+
+def test_unix_socket_url(redis_factory, tmp_path):
+    sock = tmp_path / "redis.sock"
+    redis_factory(args=["--unixsocket", str(sock), "--unixsocketperm", "700"])
+    t = tier(f"unix://{sock}", db=2)
+    try:
+        assert t.available and t.put(key(0), chunk(0))
+        assert torch.equal(t.get(key(0))["kv"], chunk(0)["kv"])
+    finally:
+        t.close()
