@@ -117,6 +117,7 @@ def naive_quantize(x: torch.Tensor, heads: int, fmt: str, k_per_channel: bool):
     xg = xf.view(*x.shape[:3], heads, -1)                                       # [2, L, N, H, D]
     scale = xg.abs().amax(dim=4, keepdim=True) / qmax                           # [2, L, N, H, 1]
     y = (xg / scale.clamp_min(1e-30)).view(x.shape).clamp(-qmax, qmax)
+    scale = scale[..., 0]                                                       # [2, L, N, H]
     k_scale = scale[0]
     if k_per_channel:
         k_scale = xf[0].abs().amax(dim=1, keepdim=True) / qmax                  # [L, 1, H*D]
@@ -128,8 +129,9 @@ def naive_quantize(x: torch.Tensor, heads: int, fmt: str, k_per_channel: bool):
 def naive_dequantize(q, k_scale, v_scale, heads: int, dtype: torch.dtype, k_per_channel: bool):
     qf = q.float()                                                              # [2, L, N, H*D]
     shape = (*q.shape[1:3], heads, -1)
-    v = (qf[1].view(shape) * v_scale).view(q.shape[1:])
-    k = qf[0] * k_scale if k_per_channel else (qf[0].view(shape) * k_scale).view(q.shape[1:])
+    v = (qf[1].view(shape) * v_scale[..., None]).view(q.shape[1:])
+    k = qf[0] * k_scale if k_per_channel else \
+        (qf[0].view(shape) * k_scale[..., None]).view(q.shape[1:])
     return torch.stack([k, v]).to(dtype)
 
 
@@ -202,7 +204,7 @@ def bench_quant(fmt: str, k_per_channel: bool, args, device: torch.device, backe
         "quant": lambda: quantize(x, args.heads, fmt, k_per_channel=k_per_channel, backend=backend),
         "dequant": lambda: dequantize(qkv, backend=backend),
         "base_quant": lambda: naive_quantize(x, args.heads, fmt, k_per_channel),
-        "base_dequant": lambda: naive_dequantize(qkv.q, qkv.k_scale, qkv.v_scale[..., None],
+        "base_dequant": lambda: naive_dequantize(qkv.q, qkv.k_scale, qkv.v_scale,
                                                  args.heads, dtype, k_per_channel),
         "copy": lambda: dst.copy_(src),
     }
@@ -245,19 +247,20 @@ def machine_name(device: torch.device) -> str:
     return f"{os.cpu_count()}-core {platform.machine()} CPU ({torch.get_num_threads()} torch threads), no GPU"
 
 
-def format_table(rows: list[Row], cpu: bool) -> str:
+def table_header(cpu: bool) -> str:
     head = (f"{'op':<13} {'case':<22} {'MiB r+w':>8} {'ms':>8} {'GB/s':>7} {'base ms':>8} "
             f"{'x base':>7} {'copy ms':>8} {'%copy':>6}")
     if cpu:
         head += f" {'clone ms':>9} {'/clone':>7}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        line = (f"{r.op:<13} {r.case:<22} {r.mib:8.1f} {r.ms:8.3f} {r.gbps:7.2f} {r.baseline_ms:8.3f} "
-                f"{r.speedup:7.2f} {r.copy_ms:8.3f} {100 * r.of_copy:5.0f}%")
-        if cpu:
-            line += f" {r.clone_ms:9.3f} {r.ms / r.clone_ms:7.2f}"
-        lines.append(line)
-    return "\n".join(lines)
+    return head + "\n" + "-" * len(head)
+
+
+def table_line(r: Row, cpu: bool) -> str:
+    line = (f"{r.op:<13} {r.case:<22} {r.mib:8.1f} {r.ms:8.3f} {r.gbps:7.2f} {r.baseline_ms:8.3f} "
+            f"{r.speedup:7.2f} {r.copy_ms:8.3f} {100 * r.of_copy:5.0f}%")
+    if cpu:
+        line += f" {r.clone_ms:9.3f} {r.ms / r.clone_ms:7.2f}"
+    return line
 
 
 def parse(argv=None):
@@ -289,17 +292,21 @@ def main(argv=None) -> dict:
     if not args.cache_factor:
         args.cache_factor = 64 if device.type == "cuda" else 4
     backend = "triton" if device.type == "cuda" else "torch"
-    rows: list[Row] = []
-    for kind in filter(None, args.layouts.split(",")):
-        rows += bench_paged(kind, args, device, backend)
-    for fmt in filter(None, args.quant.split(",")):
-        for per_channel in (False, True):
-            rows += bench_quant(fmt, per_channel, args, device, backend)
+    cpu = device.type == "cpu"
     print(f"# kernels on {machine_name(device)}; backend={backend}; chunk: {args.tokens} tokens, "
           f"{args.layers} layers, {args.heads} KV heads x {args.head_size}, {args.dtype}")
     print("# x base = speedup over the naive torch baseline; %copy = copy_ time / op time "
-          "(100% = copy bandwidth)" + ("; /clone = op time / clone time" if device.type == "cpu" else ""))
-    print(format_table(rows, device.type == "cpu"))
+          "(100% = copy bandwidth)" + ("; /clone = op time / clone time" if cpu else ""))
+    print(table_header(cpu), flush=True)
+    rows: list[Row] = []
+    jobs = [lambda k=kind: bench_paged(k, args, device, backend)
+            for kind in filter(None, args.layouts.split(","))]
+    jobs += [lambda f=fmt, c=per_channel: bench_quant(f, c, args, device, backend)
+             for fmt in filter(None, args.quant.split(",")) for per_channel in (False, True)]
+    for job in jobs:
+        for row in job():
+            rows.append(row)
+            print(table_line(row, cpu), flush=True)
     result = {"machine": machine_name(device), "backend": backend, "args": vars(args),
               "rows": [{**asdict(r), "speedup": r.speedup, "of_copy": r.of_copy} for r in rows]}
     if device.type == "cuda":
