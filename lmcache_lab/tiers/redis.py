@@ -15,10 +15,11 @@ Invariants:
   * Every answer comes from Redis, not from a local index: `contains`, `prefix_length` (one
     pipelined EXISTS round trip per endpoint), `get` (GETRANGE capped at the largest valid value,
     so a hostile value cannot size an allocation) see chunks written by any instance.
-  * `get` returns only values that decode in the wire format (magic, version, checksum), name the
-    requested key, and match the chunk layout when known (learned from this instance's own writes or
-    set by `expect_layout`). Anything else is a counted miss (`stats.corrupt`) and is deleted, so
-    the next store rewrites it. Nothing read from Redis is ever unpickled.
+  * `get` returns only values that pass `chunk_check.check_value`: the wire format (magic,
+    version, checksum), the requested key, and the chunk layout when known (learned from this
+    instance's own writes or set by `expect_layout`). Anything else is a counted miss
+    (`stats.corrupt`) and is deleted, so the next store rewrites it. Nothing read from Redis is
+    ever unpickled.
   * No Redis fault reaches the caller after start-up: a timeout or connection error on an endpoint
     counts in `stats.errors` (`stats.timeouts`), answers its chunks as misses, and opens that
     endpoint's breaker; requests then skip it at once (`stats.skipped`) while a background probe
@@ -46,6 +47,7 @@ from lmcache_lab import wire
 from lmcache_lab.config import RedisTierConfig
 from lmcache_lab.tiers.base import BudgetedTier, Key, TierStats, payload_nbytes
 from lmcache_lab.tiers.breaker import Breaker
+from lmcache_lab.tiers.chunk_check import Layout, check_value, layout_nbytes, layout_of, value_cap
 from lmcache_lab.tiers.redis_client import (SERVER, UNROUTED, Backend, RedisTierError, is_moved,
                                             redact, startup_error)
 
@@ -61,7 +63,6 @@ GUESS_CHUNK_BYTES = 2**20   # per-chunk size assumed for batching reads before t
 USAGE_REFRESH_S = 5.0   # used_bytes / len() query the server at most this often
 FAILED = object()  # an operation that got no answer (endpoint down, timeout): a miss
 _NETWORK = (redis.ConnectionError, redis.TimeoutError, OSError)
-Layout = tuple[tuple[str, str, tuple[int, ...]], ...]
 
 
 @dataclass
@@ -78,14 +79,6 @@ class RedisUsage:
     maxmemory: int | None        # 0: unlimited
     maxmemory_policy: str | None
     keys: int                    # DBSIZE summed over reachable primaries (all keys of the db)
-
-
-def layout_of(tensors: dict[str, torch.Tensor]) -> Layout:
-    return tuple((name, wire._NAMES.get(t.dtype, str(t.dtype)), tuple(t.shape)) for name, t in tensors.items())
-
-
-def layout_nbytes(layout: Layout) -> int:
-    return sum(math.prod(shape) * wire.DTYPES[dtype].itemsize for _, dtype, shape in layout)
 
 
 class RedisTier(BudgetedTier):
@@ -147,8 +140,7 @@ class RedisTier(BudgetedTier):
         self._layout = layout_of(example)
 
     def _max_value_bytes(self) -> int:
-        payload = layout_nbytes(self._layout) if self._layout else self.config.max_chunk_bytes
-        return wire._PREFIX.size + wire.MAX_HEADER + payload
+        return value_cap(self._layout, self.config.max_chunk_bytes)
 
     @property
     def available(self) -> bool:
@@ -241,18 +233,10 @@ class RedisTier(BudgetedTier):
                 log.warning("redis tier: read of %s refused: %r", self.redis_key(key).decode(), data)
                 return None
             why = "not a string value"
-        elif len(data) > cap:
-            why = f"larger than the {cap}-byte cap"
         else:
-            try:
-                payload_cap = cap - wire._PREFIX.size - wire.MAX_HEADER
-                tensors = wire.decode(data, expected_key=key, max_payload=payload_cap).tensors
-            except wire.WireError as e:
-                why = str(e)
-            else:
-                if self._layout is None or layout_of(tensors) == self._layout:
-                    return tensors
-                why = f"layout {layout_of(tensors)} differs from the expected {self._layout}"
+            tensors, why = check_value(data, key, cap, self._layout)
+            if tensors is not None:
+                return tensors
         self.stats.corrupt += 1
         log.warning("redis tier: value under %s is not a valid chunk (%s); deleting it",
                     self.redis_key(key).decode(), why)

@@ -1,0 +1,41 @@
+"""Checks on chunk values read back from a shared store (no server needed)."""
+from __future__ import annotations
+
+import torch
+
+from lmcache_lab import wire
+from lmcache_lab.tiers.chunk_check import check_value, layout_nbytes, layout_of, value_cap
+
+KEY = b"\x07" * 16
+KV = {"kv": torch.arange(2 * 4 * 8, dtype=torch.float32).reshape(2, 4, 8).bfloat16()}
+LAYOUT = layout_of(KV)
+
+
+def test_layout_and_caps():
+    assert LAYOUT == (("kv", "bfloat16", (2, 4, 8)),)
+    assert layout_nbytes(LAYOUT) == 128
+    assert value_cap(LAYOUT, 10**9) == wire._PREFIX.size + wire.MAX_HEADER + 128
+    assert value_cap(None, 1000) == wire._PREFIX.size + wire.MAX_HEADER + 1000
+
+
+def test_a_valid_chunk_passes_with_or_without_a_known_layout():
+    data = wire.encode(KEY, KV)
+    for layout in (LAYOUT, None):
+        tensors, why = check_value(data, KEY, value_cap(layout, 4096), layout)
+        assert why is None and torch.equal(tensors["kv"], KV["kv"])
+
+
+def test_each_kind_of_bad_value_is_refused_with_a_reason():
+    good = wire.encode(KEY, KV)
+    cap = value_cap(LAYOUT, 4096)
+    cases = {
+        "cap": good + b"\0" * (cap + 1 - len(good)),
+        "checksum": good[:-1] + bytes([good[-1] ^ 1]),
+        "truncated": good[:-5],
+        "different key": wire.encode(b"\x08" * 16, KV),
+        "layout": wire.encode(KEY, {"kv": KV["kv"].half()}),
+        "payload": wire.encode(KEY, {"kv": torch.zeros(2, 4, 16, dtype=torch.bfloat16)}),
+    }
+    for name, data in cases.items():
+        tensors, why = check_value(data, KEY, cap, LAYOUT)
+        assert tensors is None and why, name
