@@ -69,7 +69,7 @@ def startup_error(exc: BaseException, url: str) -> str | None:
                     f"password (or the user:password in the url)")
         if isinstance(e, (NoPermissionError, AuthorizationError)) or "NOPERM" in str(e):
             return (f"Redis at {where}: the ACL user lacks a permission the tier needs ({e}); it "
-                    f"needs GETRANGE SET EXISTS DEL TOUCH EXPIRE PING INFO SCAN on the key prefix")
+                    f"needs GETRANGE SET EXISTS DEL UNLINK TOUCH EXPIRE PING SCAN INFO DBSIZE on the key prefix")
         if isinstance(e, ssl.SSLCertVerificationError):
             return (f"Redis at {where}: the server's TLS certificate is not trusted ({e.verify_message}); "
                     f"set tiers.redis.ssl_ca_certs to the CA that signed it")
