@@ -20,25 +20,50 @@ class LFUPolicy(EvictionPolicy):
         self._freq: dict = {}
         self._buckets: dict[int, OrderedDict] = {}
         self._min = 0
+        # count 1 (stored, not touched since): kept apart from the buckets, leaves and parents
+        # separately, so a chain being stored (all parents but its protected tail) is never
+        # rescanned for each chunk stored; their leaves are the first candidates (lowest count)
+        self._new_leaves: OrderedDict = OrderedDict()
+        self._new_parents: set = set()
 
     def _inserted(self, key, nbytes, position):
         self._freq[key] = 1
-        self._buckets.setdefault(1, OrderedDict())[key] = None
-        self._min = 1
+        self._new_leaves[key] = None
+
+    def _leaf_changed(self, key, is_leaf):
+        if is_leaf:
+            if key in self._new_parents:
+                self._new_parents.discard(key)
+                self._new_leaves[key] = None
+        elif key in self._new_leaves:
+            del self._new_leaves[key]
+            self._new_parents.add(key)
 
     def _hit(self, key):
         f = self._freq[key]
-        bucket = self._buckets[f]
-        del bucket[key]
-        if not bucket:
-            del self._buckets[f]
-            if self._min == f:
-                self._min = f + 1
+        if f == 1:
+            if key in self._new_leaves:
+                del self._new_leaves[key]
+            else:
+                self._new_parents.discard(key)
+        else:
+            bucket = self._buckets[f]
+            del bucket[key]
+            if not bucket:
+                del self._buckets[f]
         self._freq[key] = f + 1
         self._buckets.setdefault(f + 1, OrderedDict())[key] = None
+        if not self._min or f + 1 < self._min or (self._min == f and f not in self._buckets):
+            self._min = f + 1
 
     def _removed(self, key):
         f = self._freq.pop(key)
+        if f == 1:
+            if key in self._new_leaves:
+                del self._new_leaves[key]
+            else:
+                self._new_parents.discard(key)
+            return
         bucket = self._buckets[f]
         del bucket[key]
         if not bucket:
@@ -47,6 +72,7 @@ class LFUPolicy(EvictionPolicy):
                 self._min = min(self._buckets, default=0)
 
     def _candidates(self):
+        yield from self._new_leaves
         bucket = self._buckets.get(self._min)
         if bucket:
             yield from bucket

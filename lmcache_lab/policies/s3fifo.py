@@ -20,8 +20,8 @@ class S3FIFOPolicy(EvictionPolicy):
 
     Adaptation to prefix chains: the access that stores a chunk does not count as a use (same
     request); the victim is always an unpinned leaf: a non-leaf or pinned key met at a queue's
-    tail is requeued (S: to M if it earned it, else to S's head) instead of evicted. O(1)
-    amortized.
+    tail is requeued instead of evicted (a parent at S's tail moves to M: it stays while its
+    children do; a pinned key goes back to S's head). O(1) amortized.
     """
     name = "s3fifo"
 
@@ -83,12 +83,13 @@ class S3FIFOPolicy(EvictionPolicy):
             budget -= 1
             if small and (not main or self._small_bytes > self.small_fraction * self._bytes):
                 key = next(iter(small))
-                if freq[key] >= self.promote_at:
+                if key in children or freq[key] >= self.promote_at:
+                    # earned M, or a parent of resident chunks: it stays while they do
                     nbytes = small.pop(key)
                     self._small_bytes -= nbytes
                     main[key] = nbytes
                     freq[key] = 0
-                elif key not in children and (can_evict is None or can_evict(key)):
+                elif can_evict is None or can_evict(key):
                     return key
                 else:
                     small.move_to_end(key)
