@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +36,12 @@ import numpy as np
 
 LENGTHS = {"2k": 2048, "8k": 8192}
 CHUNK = 128   # = the CPU block size: a warm hit leaves as few tokens to compute as APC does
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def prompts(n: int, length: int, seed: int) -> list[list[int]]:
@@ -89,9 +96,11 @@ def main(argv: list[str] | None = None) -> dict:
     p2, p8 = prompts(r2, LENGTHS["2k"], 1), prompts(r8, LENGTHS["8k"], 2)
     warm_up = gen(prompts(1, 300, 3))
     base = {"model": model, "dtype": "float32", "max_model_len": 8192 + 512}
-    lm_cpu = {"chunk_size": CHUNK}
+    ports = {"cpu": free_port(), "disk": free_port()}
+    lm_cpu = {"chunk_size": CHUNK, "metrics": {"port": ports["cpu"]}}
     disk = str(work / "lmcache-disk")
     lm_disk = {"chunk_size": CHUNK, "tiers": {"disk": {"path": disk}}}
+    lm_disk_restart = {**lm_disk, "metrics": {"port": ports["disk"]}}
     ex_disk = str(work / "example-disk")
 
     # op layout of every engine: [warm-up] + cold 2k + cold 8k (+ repeats as noted)
@@ -103,12 +112,14 @@ def main(argv: list[str] | None = None) -> dict:
                                       "ops": cold_ops + each(p2) + each(p8)}, work / "baseline")
     results["lmcache_cpu"] = run_engine({**base, "connector": lm_cpu,
                                          "ops": cold_ops + each(p2) + each(p8)
-                                         + each(p2, reset_each=True) + each(p8, reset_each=True)},
+                                         + each(p2, reset_each=True) + each(p8, reset_each=True)
+                                         + [{"op": "scrape", "port": ports["cpu"]}]},
                                         work / "lmcache_cpu")
     results["lmcache_disk_store"] = run_engine({**base, "connector": lm_disk, "ops": cold_ops},
                                                work / "lmcache_disk_store")
-    results["lmcache_disk_restart"] = run_engine({**base, "connector": lm_disk,
-                                                  "ops": [warm_up] + each(p2) + each(p8)},
+    results["lmcache_disk_restart"] = run_engine({**base, "connector": lm_disk_restart,
+                                                  "ops": [warm_up] + each(p2) + each(p8)
+                                                  + [{"op": "scrape", "port": ports["disk"]}]},
                                                  work / "lmcache_disk_restart")
     results["example_store"] = run_engine({**base, "example_connector": ex_disk,
                                            "ops": [warm_up] + each(p2)}, work / "example_store")
@@ -147,12 +158,23 @@ def main(argv: list[str] | None = None) -> dict:
         "warm_disk_restart": [results["lmcache_disk_restart"]["results"][i]["num_cached_tokens"][0]
                               for i in range(1, 1 + r2 + r8)],
     }
+    # The connector's own time on the step's critical path, from its metrics (robust to a busy
+    # machine, unlike differences of end-to-end times across processes).
+    own = {}
+    for name in ("lmcache_cpu", "lmcache_disk_restart"):
+        m = results[name]["results"][-1]
+        own[name] = {k: m.get(f"lmcache_lab_{k}_seconds_sum", 0.0) / max(1.0, m.get(f"lmcache_lab_{k}_seconds_count", 0.0))
+                     for k in ("load", "store")}
+        own[name]["loads"] = m.get("lmcache_lab_load_seconds_count", 0.0)
+        own[name]["stores"] = m.get("lmcache_lab_store_seconds_count", 0.0)
     out = {"model": {"path": model, "params_M": round(num_parameters(spec) / 1e6, 1),
                      "layers": spec.layers, "hidden": spec.hidden, "dtype": "float32"},
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                        "processor": platform.machine()},
            "chunk_size": CHUNK, "repeat": args.repeat, "wall_s": wall,
            "ttft_s": rows, "ratios": ratios, "num_cached_tokens": cached,
+           "connector_mean_seconds": own,
+           "load_average": os.getloadavg(),
            "startup_s": {k: v["startup_s"] for k, v in results.items()}}
     Path(args.json).write_text(json.dumps(out, indent=2))
     print_table(out)
@@ -170,6 +192,10 @@ def print_table(out: dict) -> None:
                                       for c in cols))
     for name, ratio in out["ratios"].items():
         print(f"{name}: " + ", ".join(f"{k} = {v:.3f}" for k, v in ratio.items()))
+    for name, own in out.get("connector_mean_seconds", {}).items():
+        print(f"{name}: mean load {own['load'] * 1000:.1f} ms over {own['loads']:.0f} loads, "
+              f"mean store {own['store'] * 1000:.1f} ms over {own['stores']:.0f} store steps")
+    print(f"load average at the end (1, 5, 15 min): {out.get('load_average')}")
 
 
 if __name__ == "__main__":

@@ -182,3 +182,63 @@ def test_dtypes_sharing_one_store_never_see_each_others_chunks(engines):
     run = engines.get("conn16")
     assert cached(run, 0) == [0]      # the fp32 chunks of "long" are not seen
     assert cached(run, 1) == hits(256)[0]
+
+
+# --------------------------------------------------------------------------------------- server
+def test_openai_server_with_the_connector(tiny_model, tmp_path):
+    """`python -m vllm.entrypoints.openai.api_server --kv-transfer-config '...'`: the second
+    request of a prompt is served by the connector (vLLM's APC is off here)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from vllm_e2e import ENGINE_TIMEOUT_S, free_port, scrape_metrics
+
+    port, mport = free_port(), free_port()
+    ktc = {"kv_connector": "LMCacheLabConnector",
+           "kv_connector_module_path": "lmcache_lab.integrations.vllm", "kv_role": "kv_both",
+           "kv_connector_extra_config": {"chunk_size": 256, "metrics": {"port": mport}}}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1",
+           "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_model,
+         "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port),
+         "--enforce-eager", "--dtype", "float32", "--max-model-len", "2048",
+         "--no-enable-prefix-caching", "--enable-prompt-tokens-details",
+         "--kv-transfer-config", json.dumps(ktc)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + ENGINE_TIMEOUT_S
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "server did not start"
+                time.sleep(1)
+
+        def complete():
+            body = json.dumps({"model": "tiny", "prompt": PROMPTS["long"], "max_tokens": MAX_TOKENS,
+                               "temperature": 0}).encode()
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
+                                         {"Content-Type": "application/json"})
+            return json.loads(urllib.request.urlopen(req, timeout=120).read())
+
+        first, second = complete(), complete()
+        assert first["choices"][0]["text"] == second["choices"][0]["text"]
+        details = second["usage"].get("prompt_tokens_details") or {}
+        assert details.get("cached_tokens") == 512
+        m = scrape_metrics(mport)
+        assert m["lmcache_lab_hit_tokens_total"] == 512
+        assert m["lmcache_lab_stored_chunks_total"] == 2
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()

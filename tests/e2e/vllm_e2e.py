@@ -50,3 +50,9 @@ def make_prompts(seed: int = 0) -> dict[str, list[int]]:
         "exact": ids(512),                  # 2 full chunks, the last token must be computed
         "short": ids(100),                  # shorter than one chunk: never a hit
     }
+
+
+def scrape_metrics(port: int) -> dict[str, float]:
+    from lmcache_lab.experiments.vllm_driver import scrape
+
+    return scrape(port)
