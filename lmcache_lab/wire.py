@@ -45,28 +45,38 @@ class ChunkRecord:
 
 
 def encode(key: bytes, tensors: dict[str, torch.Tensor], parent: bytes | None = None,
-           position: int = 0) -> bytes:
-    parts, descr = [], []
+           position: int = 0) -> bytearray:
+    """One buffer holding the whole value; each tensor's bytes are copied into it exactly once."""
+    cpu, descr = [], []
     for name, t in tensors.items():
         if t.dtype not in _NAMES:
             raise WireError(f"tensor {name!r}: dtype {t.dtype} cannot be stored")
         t = t.detach().contiguous().cpu()
+        cpu.append(t)
         descr.append({"name": name, "dtype": _NAMES[t.dtype], "shape": list(t.shape)})
-        parts.append(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     header = json.dumps({"key": key.hex(), "parent": parent.hex() if parent else None,
                          "position": int(position), "tensors": descr},
                         separators=(",", ":")).encode()
-    payload = b"".join(parts)
-    h = xxhash.xxh3_64()
-    h.update(header)
-    h.update(payload)
-    return _PREFIX.pack(MAGIC, VERSION, len(header), h.intdigest()) + header + payload
+    start = _PREFIX.size + len(header)
+    out = bytearray(start + sum(t.nbytes for t in cpu))
+    out[_PREFIX.size:start] = header
+    offset = start
+    for t in cpu:
+        if t.nbytes:
+            dst = torch.frombuffer(out, dtype=torch.uint8, count=t.nbytes, offset=offset)
+            dst.copy_(t.reshape(-1).view(torch.uint8))
+            offset += t.nbytes
+    view = memoryview(out)
+    checksum = xxhash.xxh3_64_intdigest(view[_PREFIX.size:])
+    _PREFIX.pack_into(out, 0, MAGIC, VERSION, len(header), checksum)
+    return out
 
 
 def decode(data: bytes | bytearray | memoryview, expected_key: bytes | None = None,
            max_payload: int | None = None) -> ChunkRecord:
     """Parse and verify; raises WireError on anything unexpected. `max_payload` caps the sizes a
-    header may declare (pass the expected chunk size) so hostile data cannot drive allocation."""
+    header may declare (pass the expected chunk size) so hostile data cannot drive allocation.
+    Tensors of a writable input (bytearray) share its memory; keep it unmodified."""
     view = memoryview(data)
     if len(view) < _PREFIX.size:
         raise WireError("truncated: shorter than the fixed prefix")
@@ -81,10 +91,7 @@ def decode(data: bytes | bytearray | memoryview, expected_key: bytes | None = No
     payload = view[_PREFIX.size + hlen:]
     if max_payload is not None and len(payload) > max_payload:
         raise WireError(f"payload of {len(payload)} bytes exceeds the cap of {max_payload}")
-    h = xxhash.xxh3_64()
-    h.update(header_bytes)
-    h.update(payload)
-    if h.intdigest() != checksum:
+    if xxhash.xxh3_64_intdigest(view[_PREFIX.size:]) != checksum:
         raise WireError("checksum mismatch")
     try:
         header = json.loads(bytes(header_bytes))
@@ -96,6 +103,9 @@ def decode(data: bytes | bytearray | memoryview, expected_key: bytes | None = No
         raise WireError(f"malformed header: {e}") from None
     if expected_key is not None and key != expected_key:
         raise WireError("stored under a different key")
+    # tensors view a writable input in place; read-only input (bytes) is copied once
+    buffer = view if not view.readonly else memoryview(bytearray(view))
+    base = _PREFIX.size + hlen
     tensors, offset = {}, 0
     for name, dtype, shape in descr:
         if any(s < 0 for s in shape):
@@ -103,8 +113,8 @@ def decode(data: bytes | bytearray | memoryview, expected_key: bytes | None = No
         nbytes = prod(shape) * dtype.itemsize
         if offset + nbytes > len(payload):
             raise WireError(f"tensor {name!r}: declares more bytes than the payload holds")
-        raw = payload[offset:offset + nbytes]
-        t = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
+        t = (torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes, offset=base + offset) if nbytes
+             else torch.empty(0, dtype=torch.uint8))
         tensors[name] = t.view(dtype).reshape(shape)
         offset += nbytes
     if offset != len(payload):

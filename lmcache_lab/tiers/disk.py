@@ -103,7 +103,9 @@ class DiskTier(BudgetedTier):
     def _read(self, key):
         f = self._file(key)
         try:
-            data = f.read_bytes()
+            with open(f, "rb", buffering=0) as fh:
+                data = bytearray(os.fstat(fh.fileno()).st_size)  # read once, decoded in place
+                del data[fh.readinto(data):]
             return wire.decode(data, expected_key=key, max_payload=self.max_payload).tensors
         except FileNotFoundError:
             self.stats.errors += 1
