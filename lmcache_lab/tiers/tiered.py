@@ -45,9 +45,7 @@ class TieredStore:
 
     def get(self, key: Key, parent: Key | None = None, position: int = 0) -> Any | None:
         for i, tier in enumerate(self.tiers):
-            if not tier.contains(key):
-                continue
-            value = tier.get(key)
+            value = tier.get(key)  # one round trip for a remote tier: no separate contains()
             if value is not None:
                 for upper in self.tiers[:i]:
                     upper.put(key, value, parent, position)
