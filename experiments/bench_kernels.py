@@ -278,6 +278,9 @@ def parse(argv=None):
     p.add_argument("--layouts", default="vllm_cpu,vllm_flash,sglang_mha",
                    help="paged layouts to time (empty: none)")
     p.add_argument("--quant", default="int8,fp8", help="quant formats to time (empty: none)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU: torch threads for every column (default 1: on a shared 2-core "
+                        "machine two OpenMP threads stall whenever another process holds a core)")
     p.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run)")
     p.add_argument("--json", help="also save rows here")
     args = p.parse_args(argv)
@@ -289,6 +292,8 @@ def parse(argv=None):
 def main(argv=None) -> dict:
     args = parse(argv)
     device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
     if not args.cache_factor:
         args.cache_factor = 64 if device.type == "cuda" else 4
     backend = "triton" if device.type == "cuda" else "torch"

@@ -21,6 +21,7 @@ All backends are bit-exact copies: gather followed by scatter restores the cache
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -170,10 +171,17 @@ def scatter_reference(pairs, layout: KVLayout, slots: torch.Tensor, chunk: torch
 _MAX_RUN_FRACTION = 8      # use runs when there are at most N / 8 of them (and at most 64)
 
 
-def _groups(pairs, layout: KVLayout, kv: int) -> list[tuple[slice, torch.Tensor, bool]]:
-    """[(layer slice, view, flat)]: `view` is `[Lg, num_slots, H, D]` when `flat` (one stride walks
-    the slots), else `[Lg, num_blocks, block_size, H, D]`. All layers form one group when their
-    tensors are evenly spaced in one storage (vLLM's shared buffer, a stacked tensor)."""
+class _Group(NamedTuple):
+    layers: slice              # which layers this view covers
+    view: torch.Tensor         # [Lg, num_slots, H, D] if flat else [Lg, num_blocks, block_size, H, D]
+    flat: bool                 # one stride walks the slots
+    rows: torch.Tensor | None  # flat with contiguous H*D: [R, H*D], row of (layer i, slot s) is
+    layer_rows: int            #   i * layer_rows + s (one index op covers every layer)
+
+
+def _groups(pairs, layout: KVLayout, kv: int) -> list[_Group]:
+    """Strided views of K (or V). All layers form one group when their tensors are evenly spaced
+    in one storage (vLLM's shared buffer, a stacked tensor); otherwise one group per layer."""
     ax = layout.k if kv == 0 else layout.v
     b, bs, h, d = layout.num_blocks, layout.block_size, layout.num_kv_heads, layout.head_size
     flat = bs == 1 or ax.block == bs * ax.offset
@@ -190,15 +198,29 @@ def _groups(pairs, layout: KVLayout, kv: int) -> list[tuple[slice, torch.Tensor,
         gap = 0                                    # one layer per group: the stride is unused
     chunks = [(slice(0, len(tensors)), tensors[0])] if stacked else \
         [(slice(i, i + 1), t) for i, t in enumerate(tensors)]
+    row_ok = flat and ax.dim == 1 and ax.head == d and step > 0 and gap % step == 0
     out = []
     for layers, t in chunks:
         lg, offset = layers.stop - layers.start, t.storage_offset() + ax.base
+        rows, layer_rows = None, 0
         if flat:
             view = t.as_strided((lg, b * bs, h, d), (gap, step, ax.head, ax.dim), offset)
+            if row_ok:
+                layer_rows = gap // step
+                rows = t.as_strided(((lg - 1) * layer_rows + b * bs, h * d), (step, 1), offset)
         else:
             view = t.as_strided((lg, b, bs, h, d), (gap, ax.block, ax.offset, ax.head, ax.dim), offset)
-        out.append((layers, view, flat))
+        out.append(_Group(layers, view, flat, rows, layer_rows))
     return out
+
+
+def _row_index(slots: torch.Tensor, group: _Group) -> torch.Tensor:
+    """int64 [Lg * N]: row of (layer i, token n) in `group.rows`, layer-major like the chunk."""
+    lg = group.layers.stop - group.layers.start
+    if lg == 1:
+        return slots
+    first = torch.arange(lg, device=slots.device) * group.layer_rows                  # [Lg]
+    return (first[:, None] + slots[None, :]).view(-1)                                 # [Lg * N]
 
 
 def _runs(host: np.ndarray, block_size: int | None) -> list[tuple[int, int, int]] | None:
@@ -268,21 +290,23 @@ def _gather_torch(pairs, layout: KVLayout, slots: torch.Tensor, out: torch.Tenso
     n, h, d, bs = slots.numel(), layout.num_kv_heads, layout.head_size, layout.block_size
     plan = _Plan(slots, host, bs)
     for kv in (0, 1):
-        for layers, view, flat in _groups(pairs, layout, kv):
-            dst = out[kv, layers].view(-1, n, h, d)                               # [Lg, N, H, D]
-            runs = plan.runs(flat)
+        for g in _groups(pairs, layout, kv):
+            dst = out[kv, g.layers]                                               # [Lg, N, H*D]
+            if g.rows is not None:                                                # one op, all layers
+                torch.index_select(g.rows, 0, _row_index(plan.safe(), g),
+                                   out=dst.view(-1, layout.hidden))               # [Lg*N, H*D]
+                continue
+            dst = dst.view(-1, n, h, d)                                           # [Lg, N, H, D]
+            runs = plan.runs(g.flat)
             if runs is not None:
                 for t0, t1, s0 in runs:
-                    dst[:, t0:t1].copy_(_run_view(view, flat, s0, t1 - t0, bs))
-                if not plan.all_valid:
-                    dst[:, ~plan.valid] = 0
-            elif flat:
-                safe = plan.safe()
-                for i in range(view.shape[0]):
-                    torch.index_select(view[i], 0, safe, out=dst[i])              # [N, H, D]
+                    dst[:, t0:t1].copy_(_run_view(g.view, g.flat, s0, t1 - t0, bs))
+            elif g.flat:
+                for i in range(g.view.shape[0]):
+                    torch.index_select(g.view[i], 0, plan.safe(), out=dst[i])     # [N, H, D]
             else:
                 safe = plan.safe()
-                dst.copy_(view[:, safe // bs, safe % bs])                         # [Lg, N, H, D]
+                dst.copy_(g.view[:, safe // bs, safe % bs])                       # [Lg, N, H, D]
     if not plan.all_valid:
         out[:, :, ~plan.valid] = 0
 
@@ -292,21 +316,26 @@ def _scatter_torch(pairs, layout: KVLayout, slots: torch.Tensor, chunk: torch.Te
     n, h, d, bs = slots.numel(), layout.num_kv_heads, layout.head_size, layout.block_size
     plan = _Plan(slots, host, bs)
     for kv in (0, 1):
-        for layers, view, flat in _groups(pairs, layout, kv):
-            src = chunk[kv, layers].view(-1, n, h, d)                             # [Lg, N, H, D]
-            runs = plan.runs(flat)
+        for g in _groups(pairs, layout, kv):
+            src = chunk[kv, g.layers]                                             # [Lg, N, H*D]
+            runs = None if g.rows is not None else plan.runs(g.flat)
             if runs is not None:
+                src = src.view(-1, n, h, d)                                       # [Lg, N, H, D]
                 for t0, t1, s0 in runs:
-                    _run_view(view, flat, s0, t1 - t0, bs).copy_(src[:, t0:t1])
+                    _run_view(g.view, g.flat, s0, t1 - t0, bs).copy_(src[:, t0:t1])
                 continue
             keep, slots_v = plan.compact()
             if keep is not None:
-                src = src.index_select(1, keep)                                   # [Lg, M, H, D]
-            if flat:
-                for i in range(view.shape[0]):
-                    view[i].index_copy_(0, slots_v, src[i])                       # [M, H, D]
+                src = src.index_select(1, keep)                                   # [Lg, M, H*D]
+            if g.rows is not None:                                                # one op, all layers
+                g.rows.index_copy_(0, _row_index(slots_v, g), src.reshape(-1, layout.hidden))
+            elif g.flat:
+                src = src.view(-1, slots_v.numel(), h, d)                         # [Lg, M, H, D]
+                for i in range(g.view.shape[0]):
+                    g.view[i].index_copy_(0, slots_v, src[i])                     # [M, H, D]
             else:
-                view[:, slots_v // bs, slots_v % bs] = src                        # [Lg, M, H, D]
+                src = src.reshape(-1, slots_v.numel(), h, d)                      # [Lg, M, H, D]
+                g.view[:, slots_v // bs, slots_v % bs] = src
 
 
 # =================================================================================== triton

@@ -192,7 +192,8 @@ def dequantize_reference(qkv: QuantizedKV) -> torch.Tensor:
 def _quantize_torch(chunk, num_kv_heads, fmt, k_per_channel) -> QuantizedKV:
     """One (K|V, layer) slice at a time through one reused fp32 buffer, in place: the slice
     stays in cache and no chunk-sized temporaries are allocated. Same fp32 operations as the
-    reference (amax via aminmax is exact), so identical bits."""
+    reference (amax |x| = max(max x, -min x) exactly), so identical bits. (amin + amax: two
+    fast reductions; torch.aminmax is ~5x slower on CPU.)"""
     _, n_layers, n, hd = chunk.shape
     h, d = num_kv_heads, hd // num_kv_heads
     qdtype, qmax = FORMATS[fmt]
@@ -207,12 +208,12 @@ def _quantize_torch(chunk, num_kv_heads, fmt, k_per_channel) -> QuantizedKV:
         for layer in range(n_layers):
             buf.copy_(chunk[kv, layer])
             if per_channel:
-                lo, hi = torch.aminmax(buf, dim=0)                                # [HD], [HD]
+                lo, hi = buf.amin(dim=0), buf.amax(dim=0)                         # [HD], [HD]
                 scale = k_scale[layer, 0]                                         # [HD]
                 torch.maximum(hi, lo.neg_(), out=scale).abs_().div_(qmax)      # abs_: -0 -> +0
                 buf.div_(torch.where(scale > 0, scale, 1.0))
             else:
-                lo, hi = torch.aminmax(buf.view(n, h, d), dim=2)                  # [N, H], [N, H]
+                lo, hi = buf.view(n, h, d).amin(dim=2), buf.view(n, h, d).amax(dim=2)  # [N, H]
                 scale = s_tok[kv, layer]                                          # [N, H]
                 torch.maximum(hi, lo.neg_(), out=scale).abs_().div_(qmax)      # abs_: -0 -> +0
                 buf.view(n, h, d).div_(torch.where(scale > 0, scale, 1.0)[:, :, None])
@@ -224,15 +225,26 @@ def _quantize_torch(chunk, num_kv_heads, fmt, k_per_channel) -> QuantizedKV:
                        num_kv_heads, k_per_channel)
 
 
+def _fp8_table(device: torch.device) -> torch.Tensor:
+    """fp32 [256]: the value of every float8_e4m3fn bit pattern (NaN patterns included)."""
+    return torch.arange(256, dtype=torch.uint8, device=device).view(torch.float8_e4m3fn).float()
+
+
 def _dequantize_torch(qkv: QuantizedKV) -> torch.Tensor:
     """Per (K|V, layer) slice through one fp32 buffer: decode, scale in place, round-cast out."""
     _, n_layers, n, hd = qkv.q.shape
     h, d = qkv.num_kv_heads, hd // qkv.num_kv_heads
     out = torch.empty(qkv.q.shape, dtype=qkv.dtype, device=qkv.q.device)         # [2, L, N, HD]
     buf = torch.empty((n, hd), dtype=torch.float32, device=qkv.q.device)          # [N, HD]
+    # fp8 -> fp32 through a 256-entry table: the same values as the cast, ~3x faster on CPU
+    table = _fp8_table(qkv.q.device) if qkv.fmt == "fp8" and qkv.q.device.type == "cpu" else None
     for kv, scale in ((0, qkv.k_scale), (1, qkv.v_scale)):
         for layer in range(n_layers):
-            buf.copy_(qkv.q[kv, layer])
+            if table is not None:
+                codes = qkv.q[kv, layer].view(torch.uint8).view(-1).int()         # [N*HD]
+                torch.index_select(table, 0, codes, out=buf.view(-1))
+            else:
+                buf.copy_(qkv.q[kv, layer])
             if kv == 0 and qkv.k_per_channel:
                 buf.mul_(scale[layer])                                            # [N, HD] * [1, HD]
             else:
