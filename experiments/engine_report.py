@@ -81,7 +81,7 @@ def plot_ttft_by_request(df: pd.DataFrame, path: Path, title: str = "") -> Path:
     ax.set_yscale("log")
     from matplotlib.ticker import MaxNLocator
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("round (mean over users)" if by_round else "request index")
+    ax.set_xlabel("round: user turn or question number (mean over users/documents)" if by_round else "request index")
     ax.set_ylabel("TTFT (ms, log scale)")
     ax.grid(alpha=0.3)
     ax.legend()

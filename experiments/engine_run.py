@@ -393,7 +393,7 @@ def offline_main(spec_path: str, out_path: str) -> None:
         outs = engine.step()
         now = time.perf_counter() - t0
         for o in outs:
-            i = int(o.request_id)
+            i = int(o.request_id.split("-")[0])   # ours, or ours + "-<random>" (vLLM's internal id)
             if i not in first and o.outputs and o.outputs[0].token_ids:
                 first[i] = now
             if o.finished:

@@ -4,10 +4,9 @@ They hold their own checks (asserts on lookups, budgets, Belady >= online polici
 records), so a notebook that runs but computes nonsense fails here too."""
 from pathlib import Path
 
+import nbclient
+import nbformat
 import pytest
-
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 

@@ -1,7 +1,8 @@
 """The main job's engine experiment, end to end, made tiny: `python -m lmcache_lab.run` drives a real
 vLLM server (started and stopped by the runner) through two arms of a small multi_round_qa.
 
-Two engine starts on the 2-layer test model; about 1-2 minutes on 2 idle cores.
+Three engine starts on the 2-layer test model (two through the server, one in-process); about
+1-2 minutes on 2 idle cores.
 """
 from __future__ import annotations
 
@@ -17,15 +18,32 @@ pytestmark = pytest.mark.e2e
 SYSTEM, QUESTION, ANSWER = 512, 32, 4
 
 
-def test_engine_experiment_through_a_real_vllm_server(tiny_model, tmp_path):
-    out = tmp_path / "run"
-    args = ["policy=lfu", f"engine.model={tiny_model}", "arms=[cold,lmcache_lab]", "workload.users=2",
+def run_experiment(tiny_model, out, *extra):
+    args = ["policy=lfu", f"engine.model={tiny_model}", "workload.users=2",
             "workload.rounds=2", f"workload.system_tokens={SYSTEM}", f"workload.question_tokens={QUESTION}",
             f"workload.answer_tokens={ANSWER}", "workload.qps=null", "engine.max_model_len=1024",
-            "tiers.cpu.capacity_bytes=64MiB", f"hydra.run.dir={out}", "progress=false"]
-    proc = subprocess.run([sys.executable, "-m", "lmcache_lab.run", *args], cwd=tmp_path, capture_output=True,
+            "tiers.cpu.capacity_bytes=64MiB", f"hydra.run.dir={out}", "progress=false", *extra]
+    proc = subprocess.run([sys.executable, "-m", "lmcache_lab.run", *args], cwd=out.parent, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def check_lmcache_arm(lm, df):
+    """Round 1 of each user starts with its whole round-0 prompt (544 tokens): 2 chunks are loaded.
+    The engine's prefix cache is off in this arm, so every cached token was loaded by the connector,
+    and the connector's endpoint counted exactly those."""
+    round1 = df[(df["arm"] == "lmcache_lab") & (df["round"] == 1)]
+    assert (round1["cached_tokens"] >= 512).all(), round1
+    assert lm["connector"]["engine_prefix_hit_tokens"] == 0
+    assert lm["connector"]["hit_tokens"] == lm["cached_tokens"] == df[df["arm"] == "lmcache_lab"]["cached_tokens"].sum()
+    assert lm["metrics_token_hit_rate"] == pytest.approx(lm["token_hit_rate"]) and lm["token_hit_rate"] > 0.3
+    assert lm["connector"]["stored_chunks"] >= 4 and lm["connector"]["load_failures"] == 0
+
+
+def test_engine_experiment_through_a_real_vllm_server(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    proc = run_experiment(tiny_model, out, "arms=[cold,lmcache_lab]")
     assert "speedup_p50_vs_cold" in proc.stdout and "connector endpoint" in proc.stdout
 
     s = json.loads((out / "summary.json").read_text())
@@ -35,16 +53,19 @@ def test_engine_experiment_through_a_real_vllm_server(tiny_model, tmp_path):
     for a in (cold, lm):
         assert a["requests"] == 4 and 0 < a["ttft_ms"]["p50"] <= a["ttft_ms"]["p90"]
     assert cold["token_hit_rate"] == 0                        # no connector, no prefix cache
-    # round 1 of each user starts with its whole round-0 prompt (544 tokens): 2 chunks are loaded
     df = pd.read_csv(out / "requests.csv")
     assert len(df) == 8 and (df["output_tokens"] == ANSWER).all()
-    round1 = df[(df["arm"] == "lmcache_lab") & (df["round"] == 1)]
-    assert (round1["cached_tokens"] >= 512).all(), round1
-    # the engine's prefix cache is off in this arm: every cached token was loaded by the connector,
-    # and the connector's endpoint counted exactly those
-    assert lm["connector"]["engine_prefix_hit_tokens"] == 0
-    assert lm["connector"]["hit_tokens"] == lm["cached_tokens"] == df[df["arm"] == "lmcache_lab"]["cached_tokens"].sum()
-    assert lm["metrics_token_hit_rate"] == pytest.approx(lm["token_hit_rate"]) and lm["token_hit_rate"] > 0.3
-    assert lm["connector"]["stored_chunks"] >= 4 and lm["connector"]["load_failures"] == 0
+    check_lmcache_arm(lm, df)
     for f in ("ttft_cdf.png", "ttft_by_request.png", "hit_rate_over_time.png", "report.md"):
         assert (out / f).stat().st_size > 500, f
+
+
+def test_in_process_engine_driver(tiny_model, tmp_path):
+    out = tmp_path / "offline"
+    run_experiment(tiny_model, out, "engine=vllm_offline", "arms=[lmcache_lab]")
+    s = json.loads((out / "summary.json").read_text())
+    assert s["driver"] == "VllmOffline" and list(s["arms"]) == ["lmcache_lab"]
+    df = pd.read_csv(out / "requests.csv")
+    assert len(df) == 4 and (df["output_tokens"] == ANSWER).all() and (df["ttft_ms"] > 0).all()
+    assert (df["latency_ms"] >= df["ttft_ms"]).all()
+    check_lmcache_arm(s["arms"]["lmcache_lab"], df)
