@@ -86,6 +86,19 @@ def test_cost_aware_learns_that_request_tails_are_not_reused():
     assert p._h["t39"] < p._h["x39"]
 
 
+def test_hyperbolic_evicts_lowest_use_rate():
+    p = make_policy("hyperbolic", samples=8)
+    store(p, "ab")                    # stored at requests 1, 2
+    for _ in range(3):
+        p.on_access(["a"])            # a: 4 uses over its age; b: 1 use
+    assert p.pop_victim() == "b"
+    store(p, "c")                     # a one-off chunk, stored after a
+    for _ in range(10):
+        p.on_access(["a"])            # a keeps being used; c's rate decays as 1/age
+    assert p.pop_victim() == "c"
+    assert p.pop_victim() == "a"
+
+
 # ---- offline policies ---------------------------------------------------------------------------
 def test_belady_known_answers_and_bypass():
     # single-block requests A B C A B A, room for 2 blocks

@@ -1,19 +1,20 @@
 """Eviction policies, selected by name from config (`policy: {name: lfu, ...params}`).
 
-Online: lru, lfu, s3fifo, sieve, arc, cost_aware. Offline (trace replay only, they read the
+Online: lru, lfu, s3fifo, sieve, arc, cost_aware, hyperbolic. Offline (trace replay only, they read the
 future): belady, belady_prefix.
 """
 from lmcache_lab.policies.arc import ARCPolicy
 from lmcache_lab.policies.base import EvictionPolicy
 from lmcache_lab.policies.belady import BeladyPolicy, PrefixBeladyPolicy
 from lmcache_lab.policies.cost_aware import CostAwarePolicy
+from lmcache_lab.policies.hyperbolic import HyperbolicPolicy
 from lmcache_lab.policies.lfu import LFUPolicy
 from lmcache_lab.policies.lru import LRUPolicy
 from lmcache_lab.policies.s3fifo import S3FIFOPolicy
 from lmcache_lab.policies.sieve import SievePolicy
 
 POLICIES: dict[str, type[EvictionPolicy]] = {
-    cls.name: cls for cls in (LRUPolicy, LFUPolicy, S3FIFOPolicy, SievePolicy, ARCPolicy, CostAwarePolicy,
+    cls.name: cls for cls in (LRUPolicy, LFUPolicy, S3FIFOPolicy, SievePolicy, ARCPolicy, CostAwarePolicy, HyperbolicPolicy,
                               BeladyPolicy, PrefixBeladyPolicy)
 }
 OFFLINE = {name for name, cls in POLICIES.items() if cls.offline}
