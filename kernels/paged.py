@@ -285,6 +285,19 @@ def _run_view(view: torch.Tensor, flat: bool, s0: int, length: int, bs: int) -> 
     return view[:, s0 // bs, s0 % bs:s0 % bs + length]
 
 
+_INT_VIEW = {2: torch.int16, 4: torch.int32}
+
+
+def _copy_rows(rows: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> None:
+    """rows[idx] = src (`rows` [R, C], `idx` int64 [M] distinct, `src` [M, C]). On CPU through
+    numpy views of the same memory as integers (a bit copy): ~5x faster than index_copy_."""
+    if rows.device.type != "cpu":
+        rows.index_copy_(0, idx, src)
+        return
+    itype = _INT_VIEW[rows.element_size()]
+    rows.view(itype).numpy()[idx.numpy()] = src.view(itype).numpy()
+
+
 def _gather_torch(pairs, layout: KVLayout, slots: torch.Tensor, out: torch.Tensor,
                   host: np.ndarray) -> None:
     n, h, d, bs = slots.numel(), layout.num_kv_heads, layout.head_size, layout.block_size
@@ -328,7 +341,7 @@ def _scatter_torch(pairs, layout: KVLayout, slots: torch.Tensor, chunk: torch.Te
             if keep is not None:
                 src = src.index_select(1, keep)                                   # [Lg, M, H*D]
             if g.rows is not None:                                                # one op, all layers
-                g.rows.index_copy_(0, _row_index(slots_v, g), src.reshape(-1, layout.hidden))
+                _copy_rows(g.rows, _row_index(slots_v, g), src.reshape(-1, layout.hidden))
             elif g.flat:
                 src = src.view(-1, slots_v.numel(), h, d)                         # [Lg, M, H, D]
                 for i in range(g.view.shape[0]):
