@@ -142,7 +142,10 @@ class LMCacheLabConnector(KVConnectorBase_V1):
                                     store_enabled=self.store_enabled)
             self.metrics = CacheMetrics()
             if self.config.metrics.port is not None:
-                self.metrics_port = self.metrics.serve(int(self.config.metrics.port),
+                # data-parallel engines: one endpoint each, on consecutive ports (0: any free one)
+                port = int(self.config.metrics.port)
+                dp = vllm_config.parallel_config.data_parallel_rank
+                self.metrics_port = self.metrics.serve(port + dp if port else 0,
                                                        self.config.metrics.host)
             if self.config.chunk_size % self.block_size:
                 log.warning("lmcache_lab: chunk_size %d is not a multiple of the block size %d: "
