@@ -456,6 +456,11 @@ def arm_summary(result: ArmResult) -> dict[str, Any]:
             "retrieved_chunks": m.get("lmcache_lab_retrieved_chunks_total", 0.0),
             "load_failures": m.get("lmcache_lab_load_failures_total", 0.0),
             "evictions": sum(v for k, v in m.items() if k.startswith("lmcache_lab_evictions_total")),
+            # where a hit's time goes: loading into the engine, and copying new chunks out per step
+            "load_seconds_sum": m.get("lmcache_lab_load_seconds_sum", 0.0),
+            "load_seconds_count": m.get("lmcache_lab_load_seconds_count", 0.0),
+            "store_seconds_sum": m.get("lmcache_lab_store_seconds_sum", 0.0),
+            "store_seconds_count": m.get("lmcache_lab_store_seconds_count", 0.0),
         }
         # the connector sees each prompt once: tokens it loaded + tokens the engine already had
         out["metrics_token_hit_rate"] = (hit + ext) / prompt if prompt else 0.0
