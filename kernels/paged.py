@@ -411,7 +411,9 @@ def _tables(pairs, layout: KVLayout) -> tuple[torch.Tensor, torch.Tensor]:
     tensors (engines allocate their caches once)."""
     base = pairs[0][0]
     size = base.element_size()
-    key = (layout, base.device, tuple((k.data_ptr(), v.data_ptr()) for k, v in pairs))
+    # offsets are in elements of this dtype: a freed cache of another dtype at the same addresses
+    # must not hand its tables to this one
+    key = (layout, base.device, base.dtype, tuple((k.data_ptr(), v.data_ptr()) for k, v in pairs))
     if key in _TABLES:
         return _TABLES[key]
     rows = []

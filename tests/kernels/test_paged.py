@@ -288,3 +288,21 @@ def test_torch_path_matches_reference_on_any_slots(layout_name, picks, runs):
     scatter(want, got_c, layout, slots, backend="torch")
     scatter(want, ref_c, layout, slots, backend="reference")
     assert all(torch.equal(a, b) for a, b in zip(cache_bits(got_c), cache_bits(ref_c)))
+
+
+def test_tables_are_not_reused_across_dtypes_at_the_same_addresses():
+    """Layer offsets are cached per set of tensors; a cache of another dtype at the same byte
+    addresses (the allocator reuses freed memory) must get its own element offsets."""
+    lay = KVLayout.vllm_flash(num_layers=2, num_blocks=2, block_size=4, num_kv_heads=1, head_size=4)
+    per_layer = 2 * 2 * 4 * 1 * 4                                       # elements of one layer
+    buf = torch.zeros(2 * per_layer * 4, dtype=torch.uint8)             # room for 2 fp32 layers
+    slots = torch.arange(8, dtype=torch.int64)
+    for dtype in (torch.float32, torch.bfloat16):
+        es = torch.tensor([], dtype=dtype).element_size()
+        layers = [buf[i * per_layer * 4:(i * per_layer * 4) + per_layer * es].view(dtype).view(2, 2, 4, 1, 4)
+                  for i in range(2)]                                     # same byte addresses both times
+        for i, t in enumerate(layers):
+            t.copy_(torch.arange(t.numel(), dtype=torch.float32).view_as(t) + 100 * i)
+        want = gather(layers, lay, slots, backend="reference")
+        got = gather(layers, lay, slots, backend="triton")
+        assert torch.equal(got, want)
