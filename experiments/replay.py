@@ -21,7 +21,6 @@ of the hit bytes), next to the same estimate with no cache.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -21,6 +21,30 @@ def test_lru_evicts_least_recent_first():
     assert drain(p) == ["b", "c", "a"]
 
 
+def test_lru_use_of_a_chain_suffix_keeps_its_ancestors_newer():
+    """A chain touched from its middle still evicts tail first: the ancestors move with it."""
+    p = make_policy("lru")
+    p.on_insert("a", 1)
+    p.on_insert("b", 1, "a")
+    p.on_insert("c", 1, "b")
+    p.on_insert("x", 1)
+    p.on_access(["x"])
+    p.on_access(["b"])          # b's prefix (a) was used too
+    assert drain(p) == ["c", "x", "b", "a"]
+
+
+def test_lru_batch_eviction_skips_pinned_and_their_ancestors():
+    p = make_policy("lru")
+    for k, parent in (("a", None), ("b", "a"), ("c", "b"), ("y", None), ("z", None)):
+        p.on_insert(k, 1, parent)
+    p.on_access(["a", "b", "c"])
+    p.on_access(["y"])
+    p.on_access(["z"])
+    # order oldest first: c, b, a, y, z; c pinned keeps b and a (not leaves); z protected
+    assert p.pop_victims(3, pinned={"c": 1}, protect="z") == ["y"]
+    assert p.pop_victims(2) == ["c", "b"]
+
+
 def test_lfu_evicts_least_frequent_then_least_recent():
     p = make_policy("lfu")
     for k in "abcd":

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmcache_lab import wire
-from lmcache_lab.policies import make_policy
+from lmcache_lab.policies import POLICIES, make_policy
 from lmcache_lab.tiers import DiskTier, MemoryTier, TieredStore
 
 
@@ -164,3 +164,46 @@ def test_wire_rejects_hostile_values():
         wire.decode(b"XXXX" + good[4:])
     with pytest.raises(wire.WireError):
         wire.decode(good[:10])
+
+
+@pytest.mark.parametrize("policy", [name for name, cls in POLICIES.items() if cls.batch_evicts])
+@settings(max_examples=60, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from(["chain", "chain", "touch", "pin", "unpin", "delete"]),
+                              st.integers(0, 9), st.integers(1, 5), st.integers(1, 3)), max_size=40))
+def test_batched_put_chain_equals_one_key_at_a_time(policy, ops):
+    """The batch path of put_chain (victims first, then every key at once) leaves the same tier as
+    storing the chain one key at a time: same residents, bytes and counters, in any state."""
+    from lmcache_lab.experiments.replay import Placeholder
+
+    batched, single = (MemoryTier(10 * 64, make_policy(policy)) for _ in range(2))
+    single.put_chain = lambda keys, values, parent=None, position=0, step=0: single._put_chain_each(
+        keys, values, isinstance(values, (list, tuple)), parent, position, step)
+    pins: list[bytes] = []
+
+    def chain(start, length):   # a path of a small prefix tree: key (depth, branch) of a root
+        return [key(100 * d + (start if d < 2 else start + 7 * length)) for d in range(length + start % 3)]
+
+    for op, a, n, size in ops:
+        keys = chain(a, n)
+        for tier in (batched, single):
+            if op == "chain":
+                hit = tier.prefix_length(keys)
+                tier.touch(keys[:hit])
+                values = [Placeholder(64 * size)] * (len(keys) - hit) if a % 2 else Placeholder(64 * size)
+                tier.put_chain(keys[hit:], values, keys[hit - 1] if hit else None, hit, 1)
+                tier.touch(keys)
+            elif op == "touch":
+                tier.touch(keys[:tier.prefix_length(keys)])
+            elif op == "pin" and keys[0] in tier:
+                tier.pin(keys[0])
+            elif op == "unpin" and keys[0] in pins:
+                tier.unpin(keys[0])
+            elif op == "delete" and keys[-1] in tier and keys[-1] not in pins:
+                tier.delete(keys[-1])
+        if op == "pin" and keys[0] in batched:
+            pins.append(keys[0])
+        elif op == "unpin" and keys[0] in pins:
+            pins.remove(keys[0])
+        assert sorted(batched.keys()) == sorted(single.keys())
+        assert batched.used_bytes == single.used_bytes <= batched.capacity_bytes
+        assert batched.stats == single.stats

@@ -7,6 +7,8 @@ A policy orders the chunks resident in one tier. Its owner calls:
     on_access(chain)                           a request used these resident chunks (root first)
     on_remove(key)                             a chunk left the tier (evicted or deleted)
     victim(can_evict) -> key | None            the next chunk to evict
+    on_insert_chain / pop_victims              batch forms of on_insert / pop_victim + on_remove
+                                               (defaults loop; a policy may fuse them)
     admit(key, nbytes, parent, position)       may a chunk be stored when that needs an eviction?
                                                (asked only when `admits_all` is False)
 
@@ -24,7 +26,7 @@ Invariants every policy keeps (the tests check them):
 """
 from __future__ import annotations
 
-from typing import Callable, Hashable, Iterable, Iterator, Sequence
+from typing import Callable, Container, Hashable, Iterable, Iterator, Sequence
 
 Key = Hashable
 
@@ -33,6 +35,9 @@ class EvictionPolicy:
     name = "base"
     offline = False     # needs prepare()/advance(): the future of a trace (replay only)
     admits_all = True   # False: the tier asks `admit` before evicting to store a chunk
+    # True: the victims do not depend on chunks stored meanwhile, so a tier may take every victim
+    # a new chain needs first and then store the chain at once (`BudgetedTier.put_chain`)
+    batch_evicts = False
 
     def __init__(self, chunk_tokens: int = 256, **params):
         if params:
@@ -107,6 +112,29 @@ class EvictionPolicy:
         if key is not None:
             self.on_remove(key)
         return key
+
+    def pop_victims(self, count: int, pinned: Container[Key] = (), protect: Key | None = None) -> list[Key]:
+        """Up to `count` successive `pop_victim`s, never a key in `pinned` nor `protect`: the batch
+        eviction step of a tier. Fewer only when no other evictable leaf is left."""
+        def can_evict(k):
+            return k != protect and k not in pinned
+
+        out = []
+        while len(out) < count:
+            key = self.pop_victim(can_evict)
+            if key is None:
+                break
+            out.append(key)
+        return out
+
+    def on_insert_chain(self, keys: Sequence[Key], sizes: Sequence[int], parent: Key | None = None,
+                        position: int = 0, step: int = 0) -> None:
+        """`on_insert` for each key of a chain in order: `keys[i]` (none of them resident) has
+        parent `keys[i-1]` (the first has `parent`), size `sizes[i]` and starts at token
+        `position + i*step`."""
+        for i, key in enumerate(keys):
+            self.on_insert(key, sizes[i], parent, position + i * step)
+            parent = key
 
     # ---- what a policy implements ------------------------------------------------------------
     def _inserted(self, key: Key, nbytes: int, position: int) -> None:

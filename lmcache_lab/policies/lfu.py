@@ -14,6 +14,7 @@ class LFUPolicy(EvictionPolicy):
     within a count the deepest-first touch keeps children older: LFU evicts tails first.
     """
     name = "lfu"
+    batch_evicts = True   # new chunks are newest leaves, behind the older ones, and protected
 
     def __init__(self, chunk_tokens: int = 256, **params):
         super().__init__(chunk_tokens, **params)

@@ -12,8 +12,10 @@ Invariants:
 """
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import Counter
 from dataclasses import dataclass
+from itertools import accumulate, repeat, takewhile
 from typing import Any, Hashable, Sequence
 
 from lmcache_lab.policies import EvictionPolicy
@@ -51,11 +53,13 @@ class BudgetedTier:
         if policy is not None and policy.offline and not getattr(policy, "prepared", False):
             raise ValueError(f"policy {policy.name!r} is offline: it needs the future of a trace and runs "
                              f"only in the trace replay (experiment=replay); choose an online policy")
+        assert policy is None or policy.admits_all or not policy.batch_evicts, "batch eviction skips admit"
         self.capacity_bytes = capacity_bytes
         self.policy = policy
         self.used_bytes = 0
         self.stats = TierStats()
         self._sizes: dict[Key, int] = {}
+        self._max_nbytes = 1   # >= every resident chunk's size (sizes the eviction batches)
         self._pins: Counter = Counter()
 
     # ---- index ----------------------------------------------------------------------------------
@@ -70,13 +74,7 @@ class BudgetedTier:
 
     def prefix_length(self, keys: Sequence[Key]) -> int:
         """How many leading `keys` are resident."""
-        sizes = self._sizes
-        n = 0
-        for key in keys:
-            if key not in sizes:
-                break
-            n += 1
-        return n
+        return len(list(takewhile(self._sizes.__contains__, keys)))
 
     def keys(self) -> list[Key]:
         return list(self._sizes)
@@ -101,7 +99,9 @@ class BudgetedTier:
     def touch(self, chain: Sequence[Key]) -> None:
         """Tell the policy a request used these chunks (root first); absent keys are skipped."""
         sizes = self._sizes
-        self.policy.on_access([k for k in chain if k in sizes])
+        if not all(map(sizes.__contains__, chain)):
+            chain = [k for k in chain if k in sizes]
+        self.policy.on_access(chain)
 
     def put(self, key: Key, value: Any, parent: Key | None = None, position: int = 0) -> bool:
         """Make `key` resident. True if it is resident afterwards (already was, or written)."""
@@ -119,6 +119,7 @@ class BudgetedTier:
             self.stats.errors += 1
             return False
         self._sizes[key] = nbytes
+        self._max_nbytes = max(self._max_nbytes, nbytes)
         self.used_bytes += nbytes
         stats = self.stats
         stats.inserts += 1
@@ -133,11 +134,71 @@ class BudgetedTier:
         single value used for every key. Returns how many leading keys are resident afterwards
         (stops at the first refused chunk: a child without its parent would be an orphan).
         Making room never evicts the chain's own parent (it is a leaf until its child lands; its
-        ancestors are not leaves). The batch form of `put`, for the store path and the replay:
-        one loop that evicts inline (`_make_room`'s rule, without a call per chunk)."""
+        ancestors are not leaves), so the chain's own chunks are never victims while it is stored.
+
+        Two paths with the same result as one `put` per key:
+          * a chain of new keys in a tier that stores values as given, under a policy whose victims
+            do not depend on what is stored meanwhile (`batch_evicts`: LRU, LFU; such a policy
+            admits all): victims are taken first, in one batch of as many as the missing bytes
+            need, then every key is inserted at once;
+          * anything else (resident keys inside the chain, encoding tiers whose writes can fail
+            per key, other policies): one key at a time, evicting inline."""
+        per_key = isinstance(values, (list, tuple))
+        if not self.encodes and self.policy.batch_evicts and self._sizes.keys().isdisjoint(keys):
+            return self._put_new_chain(keys, values, per_key, parent, position, step)
+        return self._put_chain_each(keys, values, per_key, parent, position, step)
+
+    def _put_new_chain(self, keys: Sequence[Key], values: Sequence[Any] | Any, per_key: bool,
+                       parent: Key | None, position: int, step: int) -> int:
+        """`put_chain` of keys none of which is resident, into a tier whose writes cannot fail."""
+        sizes = [payload_nbytes(v) for v in values] if per_key else [payload_nbytes(values)] * len(keys)
+        capacity = self.capacity_bytes
+        # the leading keys that can be stored: each fits the budget alone, and all of them fit
+        # beside what stays (pinned chunks and `parent`) once every other victim is gone
+        fits = len(keys)
+        if max(sizes, default=0) > capacity:
+            fits = next(i for i, n in enumerate(sizes) if n > capacity)
+        total = sum(sizes[:fits])
+        if self.used_bytes + total > capacity:
+            self._evict_bytes(self.used_bytes + total - capacity, parent)
+            if self.used_bytes + total > capacity:
+                fits = bisect_right(list(accumulate(sizes[:fits])), capacity - self.used_bytes)
+        if fits < len(keys):
+            self.stats.rejected += 1
+            keys, sizes = keys[:fits], sizes[:fits]
+            total = sum(sizes)
+        if not fits:
+            return 0
+        self._write_new(keys, values, sizes, shared=not per_key)
+        self._sizes.update(zip(keys, sizes))
+        self._max_nbytes = max(self._max_nbytes, max(sizes))
+        self.used_bytes += total
+        self.stats.inserts += fits
+        self.stats.bytes_written += total
+        self.policy.on_insert_chain(keys, sizes, parent, position, step)
+        return fits
+
+    def _evict_bytes(self, deficit: int, protect: Key | None) -> None:
+        """Evict policy victims (never pinned, never `protect`) until `deficit` bytes are freed or
+        none is left. Victims come in batches of ceil(deficit / largest resident size): such a batch
+        never frees more than the first victims that cover the deficit would, so this evicts exactly
+        what evicting one victim at a time until the deficit is covered does."""
+        sizes, pins, pop_victims = self._sizes, self._pins, self.policy.pop_victims
+        while deficit > 0:
+            want = -(-deficit // self._max_nbytes)
+            victims = pop_victims(want, pins, protect)
+            if victims:
+                freed = sum(map(sizes.pop, victims))
+                self._drop_many(victims)
+                self.used_bytes -= freed
+                self.stats.evictions += len(victims)
+                deficit -= freed
+            if len(victims) < want:
+                return
+
+    def _put_chain_each(self, keys, values, per_key, parent, position, step) -> int:
         sizes, stats, policy, write, drop = self._sizes, self.stats, self.policy, self._write, self._drop
         on_insert, pop_victim = policy.on_insert, policy.pop_victim
-        per_key = isinstance(values, (list, tuple))
         admits_all = policy.admits_all
         fixed = None if per_key or self.encodes else payload_nbytes(values)
         capacity, pins = self.capacity_bytes, self._pins
@@ -171,6 +232,8 @@ class BudgetedTier:
                         stats.errors += 1
                         return i
                     sizes[key] = nbytes
+                    if nbytes > self._max_nbytes:
+                        self._max_nbytes = nbytes
                     used += nbytes
                     stats.inserts += 1
                     stats.bytes_written += nbytes
@@ -240,6 +303,17 @@ class BudgetedTier:
 
     def _write(self, key: Key, value: Any, nbytes: int) -> bool:
         raise NotImplementedError
+
+    def _write_new(self, keys: Sequence[Key], values: Sequence[Any] | Any, sizes: Sequence[int],
+                   shared: bool) -> None:
+        """Write new keys: `values[i]` for `keys[i]` (zip stops at the end of `keys`), or one value
+        for every key when `shared`. Only tiers whose writes cannot fail (`encodes` False) get here."""
+        for key, value, nbytes in zip(keys, repeat(values) if shared else values, sizes):
+            self._write(key, value, nbytes)
+
+    def _drop_many(self, keys: Sequence[Key]) -> None:
+        for key in keys:
+            self._drop(key)
 
     def _read(self, key: Key) -> Any | None:
         raise NotImplementedError

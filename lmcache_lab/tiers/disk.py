@@ -62,6 +62,7 @@ class DiskTier(BudgetedTier):
                 f.unlink(missing_ok=True)
                 continue
             self._sizes[key] = size
+            self._max_nbytes = max(self._max_nbytes, size)
             self.used_bytes += size
             self.policy.on_insert(key, size, parent)
 

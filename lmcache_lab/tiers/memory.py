@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections import deque
+from itertools import repeat
 from typing import Any
 
 import torch
@@ -21,11 +23,24 @@ class MemoryTier(BudgetedTier):
         self.name = "cpu" if self.device.type == "cpu" else self.device.type
         self._data: dict[Key, Any] = {}
 
-    def _write(self, key, value, nbytes):
+    def _owned(self, value):
         if isinstance(value, dict):
-            value = {k: t.to(self.device) for k, t in value.items()}
-        self._data[key] = value
+            return {k: t.to(self.device) for k, t in value.items()}
+        return value
+
+    def _write(self, key, value, nbytes):
+        self._data[key] = self._owned(value)
         return True
+
+    def _write_new(self, keys, values, sizes, shared):
+        if shared:
+            values = repeat(self._owned(values))
+        elif any(map(isinstance, values, repeat(dict))):
+            values = map(self._owned, values)
+        self._data.update(zip(keys, values))
+
+    def _drop_many(self, keys):
+        deque(map(self._data.pop, keys), maxlen=0)
 
     def _read(self, key):
         return self._data[key]
