@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import struct
+import warnings
 from dataclasses import dataclass
 from math import prod
 
@@ -44,9 +45,35 @@ class ChunkRecord:
     tensors: dict[str, torch.Tensor]
 
 
-def encode(key: bytes, tensors: dict[str, torch.Tensor], parent: bytes | None = None,
-           position: int = 0) -> bytearray:
-    """One buffer holding the whole value; each tensor's bytes are copied into it exactly once."""
+@dataclass
+class Encoding:
+    """A chunk ready to be written: its header and CPU tensors; `nbytes` is the encoded size."""
+    header: bytes
+    tensors: list[torch.Tensor]
+    nbytes: int
+
+    def write_into(self, out: bytearray | memoryview) -> memoryview:
+        """Write the value into the start of `out` (at least `nbytes` long): each tensor's bytes
+        are copied exactly once. Returns the view of `out` that holds it."""
+        view = memoryview(out)[:self.nbytes]
+        if len(view) < self.nbytes:
+            raise ValueError(f"buffer of {len(view)} bytes is shorter than the {self.nbytes}-byte value")
+        start = _PREFIX.size + len(self.header)
+        view[_PREFIX.size:start] = self.header
+        offset = start
+        for t in self.tensors:
+            if t.nbytes:
+                dst = torch.frombuffer(view, dtype=torch.uint8, count=t.nbytes, offset=offset)
+                dst.copy_(t.reshape(-1).view(torch.uint8))
+                offset += t.nbytes
+        checksum = xxhash.xxh3_64_intdigest(view[_PREFIX.size:])
+        _PREFIX.pack_into(view, 0, MAGIC, VERSION, len(self.header), checksum)
+        return view
+
+
+def prepare(key: bytes, tensors: dict[str, torch.Tensor], parent: bytes | None = None,
+            position: int = 0) -> Encoding:
+    """Header and size of a chunk's value, before any payload byte is copied."""
     cpu, descr = [], []
     for name, t in tensors.items():
         if t.dtype not in _NAMES:
@@ -57,26 +84,30 @@ def encode(key: bytes, tensors: dict[str, torch.Tensor], parent: bytes | None = 
     header = json.dumps({"key": key.hex(), "parent": parent.hex() if parent else None,
                          "position": int(position), "tensors": descr},
                         separators=(",", ":")).encode()
-    start = _PREFIX.size + len(header)
-    out = bytearray(start + sum(t.nbytes for t in cpu))
-    out[_PREFIX.size:start] = header
-    offset = start
-    for t in cpu:
-        if t.nbytes:
-            dst = torch.frombuffer(out, dtype=torch.uint8, count=t.nbytes, offset=offset)
-            dst.copy_(t.reshape(-1).view(torch.uint8))
-            offset += t.nbytes
-    view = memoryview(out)
-    checksum = xxhash.xxh3_64_intdigest(view[_PREFIX.size:])
-    _PREFIX.pack_into(out, 0, MAGIC, VERSION, len(header), checksum)
+    return Encoding(header, cpu, _PREFIX.size + len(header) + sum(t.nbytes for t in cpu))
+
+
+def encode(key: bytes, tensors: dict[str, torch.Tensor], parent: bytes | None = None,
+           position: int = 0) -> bytearray:
+    """One new buffer holding the whole value (`prepare(...).write_into` a buffer you reuse saves
+    the allocation, which for chunks of megabytes costs more than the copy)."""
+    enc = prepare(key, tensors, parent, position)
+    out = bytearray(enc.nbytes)
+    enc.write_into(out)
     return out
 
 
 def decode(data: bytes | bytearray | memoryview, expected_key: bytes | None = None,
-           max_payload: int | None = None) -> ChunkRecord:
+           max_payload: int | None = None, alias_readonly: bool = False) -> ChunkRecord:
     """Parse and verify; raises WireError on anything unexpected. `max_payload` caps the sizes a
     header may declare (pass the expected chunk size) so hostile data cannot drive allocation.
-    Tensors of a writable input (bytearray) share its memory; keep it unmodified."""
+
+    Tensors of a writable input (bytearray) share its memory; keep it unmodified. A read-only input
+    (bytes) is copied once, unless `alias_readonly`: then the tensors share the bytes object too.
+    Pass it only for a buffer nothing else references (a fresh network reply), whose tensors are
+    only read: chunks are immutable once stored (they are scattered into the engine's cache,
+    decoded into new tensors, or kept as they are), and writing through such a tensor would
+    change a `bytes` object, which Python promises never changes."""
     view = memoryview(data)
     if len(view) < _PREFIX.size:
         raise WireError("truncated: shorter than the fixed prefix")
@@ -103,8 +134,7 @@ def decode(data: bytes | bytearray | memoryview, expected_key: bytes | None = No
         raise WireError(f"malformed header: {e}") from None
     if expected_key is not None and key != expected_key:
         raise WireError("stored under a different key")
-    # tensors view a writable input in place; read-only input (bytes) is copied once
-    buffer = view if not view.readonly else memoryview(bytearray(view))
+    buffer = view if not view.readonly or alias_readonly else memoryview(bytearray(view))
     base = _PREFIX.size + hlen
     tensors, offset = {}, 0
     for name, dtype, shape in descr:
@@ -113,10 +143,17 @@ def decode(data: bytes | bytearray | memoryview, expected_key: bytes | None = No
         nbytes = prod(shape) * dtype.itemsize
         if offset + nbytes > len(payload):
             raise WireError(f"tensor {name!r}: declares more bytes than the payload holds")
-        t = (torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes, offset=base + offset) if nbytes
-             else torch.empty(0, dtype=torch.uint8))
+        t = (_frombuffer(buffer, nbytes, base + offset) if nbytes else torch.empty(0, dtype=torch.uint8))
         tensors[name] = t.view(dtype).reshape(shape)
         offset += nbytes
     if offset != len(payload):
         raise WireError("payload longer than the tensors it declares")
     return ChunkRecord(key, parent, position, tensors)
+
+
+def _frombuffer(buffer: memoryview, count: int, offset: int) -> torch.Tensor:
+    if not buffer.readonly:
+        return torch.frombuffer(buffer, dtype=torch.uint8, count=count, offset=offset)
+    with warnings.catch_warnings():   # torch warns that it cannot mark the tensor read-only;
+        warnings.simplefilter("ignore", UserWarning)   # `decode` documents the contract instead
+        return torch.frombuffer(buffer, dtype=torch.uint8, count=count, offset=offset)

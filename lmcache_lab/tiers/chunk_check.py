@@ -38,12 +38,13 @@ def value_cap(layout: Layout | None, max_payload: int) -> int:
 
 def check_value(data: bytes, key: bytes, cap: int, layout: Layout | None
                 ) -> tuple[dict[str, torch.Tensor] | None, str | None]:
-    """(tensors, None) for a valid chunk stored under `key`; (None, why) otherwise."""
+    """(tensors, None) for a valid chunk stored under `key`; (None, why) otherwise. The tensors
+    share `data`'s memory (no copy): pass a reply nothing else holds (`wire.decode`)."""
     if len(data) > cap:
         return None, f"larger than the {cap}-byte cap"
     try:
         payload_cap = cap - wire._PREFIX.size - wire.MAX_HEADER
-        tensors = wire.decode(data, expected_key=key, max_payload=payload_cap).tensors
+        tensors = wire.decode(data, expected_key=key, max_payload=payload_cap, alias_readonly=True).tensors
     except wire.WireError as e:
         return None, str(e)
     if layout is not None and layout_of(tensors) != layout:
