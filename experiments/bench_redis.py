@@ -2,7 +2,8 @@
 
 For realistic chunk sizes, MB/s of chunk payload moved by, all in one run on one server:
 
-  * raw redis-py, pipelined SET/GET of the very bytes the tier stores (the baseline),
+  * raw redis-py, pipelined SET/GET of the very bytes the tier stores (the baseline), and SET
+    again through the tier's `ZeroCopyPacker` (redis-py's default packer copies each value twice),
   * the tier's batch forms (`put_many` / `get_many`: wire encode/decode + checksum + checks),
   * both again one chunk per round trip (raw SET/GET, tier `put`/`get`),
   * `redis-benchmark` (the server's own client, 1 connection) SET/GET of the same value size.
@@ -33,6 +34,7 @@ import torch
 from lmcache_lab import wire
 from lmcache_lab.config import RedisTierConfig
 from lmcache_lab.tiers.redis import RedisTier
+from lmcache_lab.tiers.redis_client import ZeroCopyPacker
 
 # name -> (shape [K/V, layers, tokens, kv_heads*head_dim], chunks per batch); all bf16
 CHUNKS = {
@@ -84,6 +86,7 @@ def bench_size(name: str, shape, batch: int, url: str, repeat: int) -> dict:
     keys = [i.to_bytes(16, "little") for i in range(batch)]
     tier = RedisTier(RedisTierConfig(url=url, key_prefix="bench", timeout_s=10.0))
     raw = redis.Redis.from_url(url, socket_timeout=10.0)
+    raw_zc = redis.Redis.from_url(url, socket_timeout=10.0, command_packer=ZeroCopyPacker())
     rkeys = [tier.redis_key(k) for k in keys]
     blobs = [wire.encode(k, v) for k, v in zip(keys, values)]
     payload = sum(v["kv"].nbytes for v in values)
@@ -96,6 +99,12 @@ def bench_size(name: str, shape, batch: int, url: str, repeat: int) -> dict:
 
     def raw_set_pipe():
         p = raw.pipeline(transaction=False)
+        for k, b in zip(rkeys, blobs):
+            p.set(k, b)
+        p.execute()
+
+    def raw_set_pipe_zero_copy():
+        p = raw_zc.pipeline(transaction=False)
         for k, b in zip(rkeys, blobs):
             p.set(k, b)
         p.execute()
@@ -132,6 +141,7 @@ def bench_size(name: str, shape, batch: int, url: str, repeat: int) -> dict:
 
     t = interleaved([
         ("raw_set_pipelined", raw_set_pipe, flush), ("tier_put_many", tier_put_many, flush),
+        ("raw_set_pipelined_zero_copy", raw_set_pipe_zero_copy, flush),
         ("raw_get_pipelined", raw_get_pipe, nothing), ("tier_get_many", tier_get_many, nothing),
         ("raw_set_one", raw_set_one, flush), ("tier_put_one", tier_put_one, flush),
         ("raw_get_one", raw_get_one, nothing), ("tier_get_one", tier_get_one, nothing)], repeat)
@@ -140,9 +150,11 @@ def bench_size(name: str, shape, batch: int, url: str, repeat: int) -> dict:
     flush()
     tier.close()
     raw.close()
+    raw_zc.close()
     out = {"chunk": name, "chunk_bytes": payload // batch, "batch": batch,
            **{f"{k}_MBps": round(v, 1) for k, v in mbps.items()},
            "put_tier_vs_raw": ratio(t, "tier_put_many", "raw_set_pipelined"),
+           "put_tier_vs_raw_zero_copy": ratio(t, "tier_put_many", "raw_set_pipelined_zero_copy"),
            "get_tier_vs_raw": ratio(t, "tier_get_many", "raw_get_pipelined"),
            "put_tier_vs_raw_one": ratio(t, "tier_put_one", "raw_set_one"),
            "get_tier_vs_raw_one": ratio(t, "tier_get_one", "raw_get_one"),
@@ -202,6 +214,8 @@ def main(argv: list[str] | None = None) -> dict:
 def print_table(rows: list[dict]) -> None:
     cols = [("chunk", "chunk"), ("batch", "batch"), ("raw_set_pipelined_MBps", "raw SET pipe"),
             ("tier_put_many_MBps", "tier put_many"), ("put_tier_vs_raw", "put tier/raw"),
+            ("raw_set_pipelined_zero_copy_MBps", "raw SET pipe, zero-copy packer"),
+            ("put_tier_vs_raw_zero_copy", "put tier/raw zero-copy"),
             ("raw_get_pipelined_MBps", "raw GET pipe"), ("tier_get_many_MBps", "tier get_many"),
             ("get_tier_vs_raw", "get tier/raw"), ("put_tier_vs_raw_one", "put tier/raw 1-by-1"),
             ("get_tier_vs_raw_one", "get tier/raw 1-by-1"), ("tier_put_one_MBps", "tier put 1-by-1"),

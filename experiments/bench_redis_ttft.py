@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
             connector = {"chunk_size": 256, "tiers": {"cpu": {"capacity_bytes": "512MiB"},
                                                       "redis": {"url": f"redis://127.0.0.1:{port}",
                                                                 "timeout_s": 5.0}}}
-            base = {"model": model, "dtype": "float32", "connector": connector}
+            base = {"model": model, "dtype": "float32", "connector": connector,
+                    "max_model_len": max(4096, args.tokens + 512)}
             a = run_engine({**base, "ops": [warmup] + one(p, True) + one(p, False)}, Path(tmp) / "a")
             b = run_engine({**base, "ops": [warmup] + one(q, True) + one(p, True)}, Path(tmp) / "b")
         finally:

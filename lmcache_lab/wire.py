@@ -52,23 +52,15 @@ class Encoding:
     tensors: list[torch.Tensor]
     nbytes: int
 
-    def write_into(self, out: bytearray | memoryview) -> memoryview:
-        """Write the value into the start of `out` (at least `nbytes` long): each tensor's bytes
-        are copied exactly once. Returns the view of `out` that holds it."""
-        view = memoryview(out)[:self.nbytes]
-        if len(view) < self.nbytes:
-            raise ValueError(f"buffer of {len(view)} bytes is shorter than the {self.nbytes}-byte value")
-        start = _PREFIX.size + len(self.header)
-        view[_PREFIX.size:start] = self.header
-        offset = start
-        for t in self.tensors:
-            if t.nbytes:
-                dst = torch.frombuffer(view, dtype=torch.uint8, count=t.nbytes, offset=offset)
-                dst.copy_(t.reshape(-1).view(torch.uint8))
-                offset += t.nbytes
-        checksum = xxhash.xxh3_64_intdigest(view[_PREFIX.size:])
-        _PREFIX.pack_into(view, 0, MAGIC, VERSION, len(self.header), checksum)
-        return view
+    def parts(self) -> list[bytes | memoryview]:
+        """The value as consecutive buffers (prefix, header, each tensor's bytes), none of the
+        payload copied: write them in order (socket sendall, file writelines) and the reader sees
+        one value. The checksum is computed over the buffers as they are."""
+        views = [memoryview(t.reshape(-1).view(torch.uint8).numpy()) for t in self.tensors if t.nbytes]
+        h = xxhash.xxh3_64(self.header)
+        for v in views:
+            h.update(v)
+        return [_PREFIX.pack(MAGIC, VERSION, len(self.header), h.intdigest()), self.header, *views]
 
 
 def prepare(key: bytes, tensors: dict[str, torch.Tensor], parent: bytes | None = None,
@@ -89,12 +81,9 @@ def prepare(key: bytes, tensors: dict[str, torch.Tensor], parent: bytes | None =
 
 def encode(key: bytes, tensors: dict[str, torch.Tensor], parent: bytes | None = None,
            position: int = 0) -> bytearray:
-    """One new buffer holding the whole value (`prepare(...).write_into` a buffer you reuse saves
-    the allocation, which for chunks of megabytes costs more than the copy)."""
-    enc = prepare(key, tensors, parent, position)
-    out = bytearray(enc.nbytes)
-    enc.write_into(out)
-    return out
+    """The whole value in one new buffer; each tensor's bytes are copied into it exactly once
+    (`prepare(...).parts()` hands them over with no copy at all)."""
+    return bytearray().join(prepare(key, tensors, parent, position).parts())
 
 
 def decode(data: bytes | bytearray | memoryview, expected_key: bytes | None = None,

@@ -81,19 +81,19 @@ class DiskTier(BudgetedTier):
             return None
 
     def _stored_nbytes(self, key, value, parent, position):
-        data = wire.encode(key, value, parent=parent, position=position)
-        self._encoded = (key, data)
-        return len(data)
+        enc = wire.prepare(key, value, parent=parent, position=position)
+        self._encoded = (key, enc)
+        return enc.nbytes
 
     def _write(self, key, value, nbytes):
         assert self._encoded is not None and self._encoded[0] == key
-        data, self._encoded = self._encoded[1], None
+        enc, self._encoded = self._encoded[1], None
         target = self._file(key)
         tmp = target.parent / f".tmp-{uuid.uuid4().hex}"
         try:
             target.parent.mkdir(exist_ok=True)
             with open(tmp, "wb") as fh:
-                fh.write(data)
+                fh.writelines(enc.parts())
             os.replace(tmp, target)
             return True
         except OSError as e:

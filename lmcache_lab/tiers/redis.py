@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -49,7 +48,7 @@ from lmcache_lab.config import RedisTierConfig
 from lmcache_lab.tiers.base import BudgetedTier, Key, TierStats, payload_nbytes
 from lmcache_lab.tiers.breaker import Breaker
 from lmcache_lab.tiers.chunk_check import Layout, check_value, layout_nbytes, layout_of, value_cap
-from lmcache_lab.tiers.redis_client import (SERVER, UNROUTED, Backend, RedisTierError, is_moved,
+from lmcache_lab.tiers.redis_client import (SERVER, UNROUTED, Backend, Buffers, RedisTierError, is_moved,
                                             redact, startup_error)
 
 log = logging.getLogger(__name__)
@@ -97,7 +96,6 @@ class RedisTier(BudgetedTier):
         self._prefix = f"{config.key_prefix}:v{wire.VERSION}:"
         self._layout: Layout | None = layout_of(expected) if expected else None
         self._oom_logged = False
-        self._local = threading.local()   # per-thread staging buffer for writes (`put_many`)
         self.backend = Backend(config)
         self.breaker = Breaker(f"redis tier {redact(config.url)}", max_s=config.backoff_max_s)
         self._start()
@@ -246,9 +244,8 @@ class RedisTier(BudgetedTier):
 
     def put_many(self, items: Sequence[tuple[bytes, dict[str, torch.Tensor], bytes | None, int]]) -> list[bool]:
         """Store (key, tensors, parent, position) items; True where the key is in Redis afterwards.
-        Sent in pipelines of about PIPELINE_BYTES. Each pipeline's values are encoded into one
-        staging buffer per thread, reused from call to call: a fresh buffer per chunk of megabytes
-        costs more (page faults, zeroing) than copying the chunk into it."""
+        Sent in pipelines of about PIPELINE_BYTES, each value as its header and the tensors' own
+        memory (`wire.Encoding.parts`, `ZeroCopyPacker`): no client-side copy of the payload."""
         ok = [False] * len(items)
         batch: list[tuple[int, wire.Encoding]] = []
         size = 0
@@ -262,18 +259,11 @@ class RedisTier(BudgetedTier):
             batch.append((i, enc))
             size += enc.nbytes
             if size >= PIPELINE_BYTES:
-                self._set_batch(items, batch, size, ok)
+                self._set_batch(items, batch, ok)
                 batch, size = [], 0
         if batch:
-            self._set_batch(items, batch, size, ok)
+            self._set_batch(items, batch, ok)
         return ok
-
-    def _staging(self, nbytes: int) -> bytearray:
-        """This thread's staging buffer, at least `nbytes` long (grown, never shrunk)."""
-        buf = getattr(self._local, "staging", None)
-        if buf is None or len(buf) < nbytes:
-            buf = self._local.staging = bytearray(nbytes)
-        return buf
 
     def _refuse_write(self, value: dict[str, torch.Tensor]) -> str | None:
         layout = layout_of(value)
@@ -284,11 +274,8 @@ class RedisTier(BudgetedTier):
         self._layout = self._layout or layout  # learned from our own data: trusted
         return None
 
-    def _set_batch(self, items, batch: list[tuple[int, wire.Encoding]], size: int, ok: list[bool]) -> None:
-        staging, offset, values = memoryview(self._staging(size)), 0, []
-        for _, enc in batch:
-            values.append(enc.write_into(staging[offset:]))
-            offset += enc.nbytes
+    def _set_batch(self, items, batch: list[tuple[int, wire.Encoding]], ok: list[bool]) -> None:
+        values = [Buffers(enc.parts()) for _, enc in batch]
         ttl = self.config.ttl_s
         replies = self._run([items[i][0] for i, _ in batch],
                             lambda p, j, k: p.set(k, values[j], nx=True, ex=ttl))

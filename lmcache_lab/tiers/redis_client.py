@@ -37,11 +37,20 @@ class RedisTierError(RuntimeError):
     """The Redis tier is misconfigured (credentials, ACL, TLS): raised at start-up, never later."""
 
 
+class Buffers(tuple):
+    """One command argument given as consecutive buffers (e.g. `wire.Encoding.parts()`): sent as
+    one bulk string, each buffer as it is."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(map(len, self))
+
+
 class ZeroCopyPacker:
-    """RESP command packing that hands every argument over CUTOFF bytes to the socket as its own
-    buffer, uncopied. redis-py's default packer with hiredis copies a bytearray or memoryview
-    argument twice (`bytes()`, then into one packed command); for chunks of megabytes that costs
-    about as much as sending them (docs/redis.md)."""
+    """RESP command packing that hands every argument buffer over CUTOFF bytes to the socket
+    uncopied, and takes `Buffers` arguments. redis-py's default packer with hiredis copies a
+    bytearray or memoryview argument twice (`bytes()`, then into one packed command); for chunks
+    of megabytes that costs more than sending them (docs/redis.md)."""
     CUTOFF = 6000
 
     def pack(self, *args) -> list:
@@ -50,13 +59,16 @@ class ZeroCopyPacker:
         elif b" " in args[0]:
             args = (*args[0].split(), *args[1:])
         out, pending = [], [b"*%d\r\n" % len(args)]
-        for arg in map(_encode, args):
-            if len(arg) > self.CUTOFF:
-                out.append(b"".join((*pending, b"$%d\r\n" % len(arg))))
-                out.append(arg)
-                pending = [b"\r\n"]
-            else:
-                pending += (b"$%d\r\n" % len(arg), arg, b"\r\n")
+        for arg in args:
+            parts = arg if isinstance(arg, Buffers) else (_encode(arg),)
+            pending.append(b"$%d\r\n" % sum(map(len, parts)))
+            for part in parts:
+                if len(part) > self.CUTOFF:
+                    out += (b"".join(pending), part)
+                    pending = []
+                else:
+                    pending.append(part)
+            pending.append(b"\r\n")
         out.append(b"".join(pending))
         return out
 
@@ -71,9 +83,25 @@ def _encode(value) -> bytes | bytearray | memoryview:
     raise redis.DataError(f"cannot send an argument of type {type(value).__name__} to Redis")
 
 
+class _ZeroCopyPacking:
+    """Mixed into a redis-py connection class: pack commands with `ZeroCopyPacker` (set on the
+    connection: redis-py's cluster client does not pass a `command_packer` argument on)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._command_packer = ZeroCopyPacker()
+
+
+CONNECTION_CLASSES = {   # url scheme -> connection class
+    scheme: type(f"ZeroCopy{base.__name__}", (_ZeroCopyPacking, base), {})
+    for scheme, base in (("redis", redis.Connection), ("rediss", redis.SSLConnection),
+                         ("unix", redis.UnixDomainSocketConnection))}
+
+
 def client_kwargs(cfg: RedisTierConfig) -> dict:
     kw = dict(socket_timeout=cfg.timeout_s, socket_connect_timeout=cfg.timeout_s,
-              retry=Retry(NoBackoff(), 0), health_check_interval=0, command_packer=ZeroCopyPacker())
+              retry=Retry(NoBackoff(), 0), health_check_interval=0,
+              connection_class=CONNECTION_CLASSES[(cfg.url or "redis").split(":", 1)[0]])
     if cfg.username is not None:
         kw["username"] = cfg.username
     if cfg.password is not None:
