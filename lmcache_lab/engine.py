@@ -126,13 +126,12 @@ class CacheEngine:
         With `expected` (the caller was promised these chunks by a lookup), a shortfall counts
         as one `stats.load_failures` event."""
         t0 = time.perf_counter()
+        values = self.store_.get_chain(keys[start:], keys[start - 1] if start else None,
+                                       start * self.chunk_size, self.chunk_size)
+        if expected and len(values) < len(keys) - start:
+            self.stats.load_failures += 1
         out: list[torch.Tensor] = []
-        for i in range(start, len(keys)):
-            value = self.store_.get(keys[i], keys[i - 1] if i else None, i * self.chunk_size)
-            if value is None:
-                if expected:
-                    self.stats.load_failures += 1
-                break
+        for value in values:
             out.append(self.codec.decode(value))
             self.stats.retrieved_bytes += payload_nbytes(value)
         self.store_.touch(keys[:start + len(out)])

@@ -257,6 +257,10 @@ class BudgetedTier:
         self.stats.bytes_read += self._sizes[key]
         return value
 
+    def get_many(self, keys: Sequence[Key]) -> list[Any | None]:
+        """`get` of each key (a remote tier answers in one round trip)."""
+        return [self.get(key) for key in keys]
+
     def delete(self, key: Key) -> bool:
         if key not in self._sizes:
             return False

@@ -83,6 +83,11 @@ def _encode(value) -> bytes | bytearray | memoryview:
     raise redis.DataError(f"cannot send an argument of type {type(value).__name__} to Redis")
 
 
+# bytes per socket read: chunk values are megabytes, and redis-py's default (64 KiB) reads them in
+# many small steps (GET of 6 MiB values, loopback: 0.56 GB/s at 64 KiB, 0.68 GB/s at 1 MiB)
+SOCKET_READ_BYTES = 2**20
+
+
 class _ZeroCopyPacking:
     """Mixed into a redis-py connection class: pack commands with `ZeroCopyPacker` (set on the
     connection: redis-py's cluster client does not pass a `command_packer` argument on)."""
@@ -101,6 +106,7 @@ CONNECTION_CLASSES = {   # url scheme -> connection class
 def client_kwargs(cfg: RedisTierConfig) -> dict:
     kw = dict(socket_timeout=cfg.timeout_s, socket_connect_timeout=cfg.timeout_s,
               retry=Retry(NoBackoff(), 0), health_check_interval=0,
+              socket_read_size=SOCKET_READ_BYTES,
               connection_class=CONNECTION_CLASSES[(cfg.url or "redis").split(":", 1)[0]])
     if cfg.username is not None:
         kw["username"] = cfg.username

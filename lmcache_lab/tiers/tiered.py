@@ -11,7 +11,8 @@ class TieredStore:
     * Write-through: a stored chunk goes to every tier, each under its own budget and policy, so
       the disk tier holds what survives a restart and Redis what other replicas share.
     * A key is present if any tier holds it; `prefix_length` walks tier by tier in batches.
-    * `get` walks fastest first and promotes a hit from a lower tier into every tier above it.
+    * `get` / `get_chain` walk fastest first and promote a hit from a lower tier into every tier
+      above it.
     """
 
     def __init__(self, tiers: Sequence[BudgetedTier]):
@@ -44,13 +45,28 @@ class TieredStore:
         return max((tier.put_chain(keys, values, parent, position, step) for tier in self.tiers), default=0)
 
     def get(self, key: Key, parent: Key | None = None, position: int = 0) -> Any | None:
-        for i, tier in enumerate(self.tiers):
-            value = tier.get(key)  # one round trip for a remote tier: no separate contains()
-            if value is not None:
-                for upper in self.tiers[:i]:
-                    upper.put(key, value, parent, position)
-                return value
-        return None
+        values = self.get_chain([key], parent, position)
+        return values[0] if values else None
+
+    def get_chain(self, keys: Sequence[Key], parent: Key | None = None, position: int = 0,
+                  step: int = 0) -> list[Any]:
+        """The values of consecutive chunks of one prefix chain (`keys[i]`'s parent is `keys[i-1]`,
+        the first's is `parent`; `keys[i]` starts at token `position + i*step`), up to the first
+        one no tier holds. Each tier is asked once, for every key the tiers above it lacked, so
+        a remote tier gets one pipelined batch; hits from lower tiers are promoted upward."""
+        values: list[Any] = [None] * len(keys)
+        missing = list(range(len(keys)))
+        for t, tier in enumerate(self.tiers):
+            if not missing:
+                break
+            found = tier.get_many([keys[i] for i in missing])
+            for i, value in zip(missing, found):
+                if value is not None:
+                    values[i] = value
+                    for upper in self.tiers[:t]:
+                        upper.put(keys[i], value, keys[i - 1] if i else parent, position + i * step)
+            missing = [i for i, value in zip(missing, found) if value is None]
+        return values[:missing[0]] if missing else values
 
     def touch(self, chain: Sequence[Key]) -> None:
         for tier in self.tiers:
