@@ -126,22 +126,27 @@ def bench_replay(trace: str | None, fraction: float = 0.05, repeat: int = 3) -> 
     def lru_inline():
         assert inline_tier_lru_loop(requests, cap) == inline_hit_rate
 
+    def timed(fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    # name -> a run returning the seconds it took (a replay times its request loop only)
     out = {"trace": str(trace), "requests": len(requests), "capacity_blocks": cap}
-    loops = [("bare_lru", lambda: bare_lru_loop(requests, cap)), ("inline_tier_lru", lru_inline)]
+    loops = [("bare_lru", lambda: timed(lambda: bare_lru_loop(requests, cap))),
+             ("inline_tier_lru", lambda: timed(lru_inline))]
     for name in POLICIES:
         def run(name=name):
             result = replay(requests, replay_tier(requests, make_policy(name, 512), cap * block_bytes), LLAMA3_8B)
             if name == "lru":   # the inline reference keeps the same cache
                 assert result.chunk_hit_rate == inline_hit_rate, (result.chunk_hit_rate, inline_hit_rate)
-            return result.seconds   # the request loop only
+            return result.seconds
         loops.append((name, run))
-    for name, fn in loops:
+    for name, run in loops:
         times, bases = [], []
         for _ in range(repeat):
             bases.append(best_of(lambda: bare_lru_loop(requests, cap), 1))
-            t0 = time.perf_counter()
-            seconds = fn()
-            times.append(seconds if isinstance(seconds, float) else time.perf_counter() - t0)
+            times.append(run())
         out[f"{name}_req_per_s"] = len(requests) / min(times)
         out[f"{name}_vs_bare"] = min(bases) / min(times)
     return out
