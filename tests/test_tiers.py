@@ -207,3 +207,11 @@ def test_batched_put_chain_equals_one_key_at_a_time(policy, ops):
         assert sorted(batched.keys()) == sorted(single.keys())
         assert batched.used_bytes == single.used_bytes <= batched.capacity_bytes
         assert batched.stats == single.stats
+
+
+def test_put_chain_with_a_repeated_key_counts_its_bytes_once():
+    from lmcache_lab.experiments.replay import Placeholder
+
+    tier = MemoryTier(10 * 64, make_policy("lru"))
+    assert tier.put_chain([key(1), key(2), key(1)], Placeholder(64)) == 3
+    assert sorted(tier.keys()) == [key(1), key(2)] and tier.used_bytes == 128

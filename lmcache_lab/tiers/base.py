@@ -137,15 +137,17 @@ class BudgetedTier:
         ancestors are not leaves), so the chain's own chunks are never victims while it is stored.
 
         Two paths with the same result as one `put` per key:
-          * a chain of new keys in a tier that stores values as given, under a policy whose victims
-            do not depend on what is stored meanwhile (`batch_evicts`: LRU, LFU; such a policy
-            admits all): victims are taken first, in one batch of as many as the missing bytes
-            need, then every key is inserted at once;
+          * a chain of distinct new keys in a tier that stores values as given, under a policy
+            whose victims do not depend on what is stored meanwhile (`batch_evicts`: LRU, LFU;
+            such a policy admits all): victims are taken first, in one batch of as many as the
+            missing bytes need, then every key is inserted at once;
           * anything else (resident keys inside the chain, encoding tiers whose writes can fail
             per key, other policies): one key at a time, evicting inline."""
         per_key = isinstance(values, (list, tuple))
-        if not self.encodes and self.policy.batch_evicts and self._sizes.keys().isdisjoint(keys):
-            return self._put_new_chain(keys, values, per_key, parent, position, step)
+        if not self.encodes and self.policy.batch_evicts:
+            distinct = set(keys)
+            if len(distinct) == len(keys) and self._sizes.keys().isdisjoint(distinct):
+                return self._put_new_chain(keys, values, per_key, parent, position, step)
         return self._put_chain_each(keys, values, per_key, parent, position, step)
 
     def _put_new_chain(self, keys: Sequence[Key], values: Sequence[Any] | Any, per_key: bool,
