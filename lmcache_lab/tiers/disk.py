@@ -7,6 +7,8 @@ import struct
 import uuid
 from pathlib import Path
 
+import torch
+
 from lmcache_lab import wire
 from lmcache_lab.tiers.base import BudgetedTier
 
@@ -105,8 +107,9 @@ class DiskTier(BudgetedTier):
         f = self._file(key)
         try:
             with open(f, "rb", buffering=0) as fh:
-                data = bytearray(os.fstat(fh.fileno()).st_size)  # read once, decoded in place
-                del data[fh.readinto(data):]
+                # read once into uninitialized memory (no zero-fill pass), decoded in place
+                data = memoryview(torch.empty(os.fstat(fh.fileno()).st_size, dtype=torch.uint8).numpy())
+                data = data[:fh.readinto(data)]
             return wire.decode(data, expected_key=key, max_payload=self.max_payload).tensors
         except FileNotFoundError:
             self.stats.errors += 1
