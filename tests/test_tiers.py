@@ -215,3 +215,20 @@ def test_put_chain_with_a_repeated_key_counts_its_bytes_once():
     tier = MemoryTier(10 * 64, make_policy("lru"))
     assert tier.put_chain([key(1), key(2), key(1)], Placeholder(64)) == 3
     assert sorted(tier.keys()) == [key(1), key(2)] and tier.used_bytes == 128
+
+
+def test_get_chain_asks_each_tier_once_and_promotes_only_the_prefix(tmp_path):
+    memory = MemoryTier(10_000, make_policy("lru"))
+    disk = DiskTier(tmp_path / "disk", 100_000, make_policy("lru"))
+    store = TieredStore([memory, disk])
+    keys = [key(i) for i in range(5)]
+    disk.put_chain(keys, [kv(i) for i in range(5)])
+    memory.put(keys[0], kv(0))
+    disk.delete(keys[3])                      # the chain breaks at chunk 3
+    asked = []
+    disk_get_many = disk.get_many
+    disk.get_many = lambda ks: asked.append(list(ks)) or disk_get_many(ks)
+    values = store.get_chain(keys)
+    assert [int(v["kv"][0]) for v in values] == [0, 1, 2]
+    assert asked == [keys[1:]]                # one batch: every key the memory tier lacked
+    assert sorted(memory.keys()) == sorted(keys[:3])   # chunk 4 came back but is not promoted

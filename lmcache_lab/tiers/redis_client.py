@@ -41,10 +41,6 @@ class Buffers(tuple):
     """One command argument given as consecutive buffers (e.g. `wire.Encoding.parts()`): sent as
     one bulk string, each buffer as it is."""
 
-    @property
-    def nbytes(self) -> int:
-        return sum(map(len, self))
-
 
 class ZeroCopyPacker:
     """RESP command packing that hands every argument buffer over CUTOFF bytes to the socket

@@ -53,20 +53,23 @@ class TieredStore:
         """The values of consecutive chunks of one prefix chain (`keys[i]`'s parent is `keys[i-1]`,
         the first's is `parent`; `keys[i]` starts at token `position + i*step`), up to the first
         one no tier holds. Each tier is asked once, for every key the tiers above it lacked, so
-        a remote tier gets one pipelined batch; hits from lower tiers are promoted upward."""
+        a remote tier gets one pipelined batch. Hits from lower tiers within the returned prefix
+        are then promoted into every tier above them, parents first (past the first missing chunk
+        a value would be an orphan there)."""
         values: list[Any] = [None] * len(keys)
+        source = [0] * len(keys)   # index of the tier each value came from
         missing = list(range(len(keys)))
         for t, tier in enumerate(self.tiers):
             if not missing:
                 break
-            found = tier.get_many([keys[i] for i in missing])
-            for i, value in zip(missing, found):
-                if value is not None:
-                    values[i] = value
-                    for upper in self.tiers[:t]:
-                        upper.put(keys[i], value, keys[i - 1] if i else parent, position + i * step)
-            missing = [i for i, value in zip(missing, found) if value is None]
-        return values[:missing[0]] if missing else values
+            for i, value in zip(missing, tier.get_many([keys[i] for i in missing])):
+                values[i], source[i] = value, t
+            missing = [i for i in missing if values[i] is None]
+        found = missing[0] if missing else len(keys)
+        for i in range(found):
+            for upper in self.tiers[:source[i]]:
+                upper.put(keys[i], values[i], keys[i - 1] if i else parent, position + i * step)
+        return values[:found]
 
     def touch(self, chain: Sequence[Key]) -> None:
         for tier in self.tiers:
