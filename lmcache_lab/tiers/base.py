@@ -92,9 +92,6 @@ class BudgetedTier:
         else:
             del self._pins[key]
 
-    def _evictable(self, key: Key) -> bool:
-        return key not in self._pins
-
     # ---- operations ---------------------------------------------------------------------------------
     def touch(self, chain: Sequence[Key]) -> None:
         """Tell the policy a request used these chunks (root first); absent keys are skipped."""
@@ -282,21 +279,7 @@ class BudgetedTier:
         False when only protected chunks are left or it can never fit."""
         if nbytes > self.capacity_bytes:
             return False
-        pins = self._pins
-        if protect is not None:
-            def can_evict(k): return k != protect and k not in pins
-        else:
-            can_evict = self._evictable if pins else None
-        pop_victim = self.policy.pop_victim
-        sizes, drop, evicted = self._sizes, self._drop, 0
-        while self.used_bytes + nbytes > self.capacity_bytes:
-            key = pop_victim(can_evict)
-            if key is None:
-                break
-            drop(key)
-            self.used_bytes -= sizes.pop(key)
-            evicted += 1
-        self.stats.evictions += evicted
+        self._evict_bytes(self.used_bytes + nbytes - self.capacity_bytes, protect)
         return self.used_bytes + nbytes <= self.capacity_bytes
 
     def _forget(self, key: Key) -> None:
