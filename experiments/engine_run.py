@@ -290,11 +290,11 @@ class VllmServer:
                                self.max_inflight, progress, f"{arm.name:>12}")
             metrics = scrape(arm.metrics_port) if arm.metrics_port else {}
         finally:
-            _stop(proc)
+            stop_process_group(proc)
         return ArmResult(records, startup, metrics)
 
 
-def _stop(proc: subprocess.Popen, grace_s: float = 30) -> None:
+def stop_process_group(proc: subprocess.Popen, grace_s: float = 30) -> None:
     """Terminate the server's process group (it spawns the engine core), then kill if needed."""
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -339,7 +339,7 @@ class VllmOffline(VllmServer):
             # the child's progress bar goes to the log; show the arm's wall time here
             rc = proc.wait(timeout=self.startup_timeout_s + self.request_timeout_s)
         finally:
-            _stop(proc)
+            stop_process_group(proc)
         if rc != 0:
             raise RuntimeError(f"offline engine exited with {rc}; last lines of {log}:\n{_tail(log)}")
         out = json.loads(out_path.read_text())

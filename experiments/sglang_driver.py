@@ -26,8 +26,6 @@ import argparse
 import http.client
 import importlib.util
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -36,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-from lmcache_lab.experiments.engine_run import sse_messages
+from lmcache_lab.experiments.engine_run import sse_messages, stop_process_group
 
 
 class SGLangUnavailable(RuntimeError):
@@ -153,19 +151,8 @@ class SGLangServer:
     def stop(self, grace_s: float = 30) -> None:
         """Terminate the server's process group (scheduler and detokenizer included)."""
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        if proc is not None:
+            stop_process_group(proc, grace_s)
 
     def flush(self, timeout_s: float = 120) -> None:
         """Drop SGLang's device and host prefix caches; lmcache_lab's tiers keep their pages.
