@@ -4,9 +4,11 @@
      per-chunk sha256 that packs each token by hand;
   2. trace-replay throughput (requests/s) of the real tier + policy objects, every policy in
      POLICIES (offline ones given the future first, outside the timing), vs a bare
-     `OrderedDict` LRU loop over the same trace; beside them, the dict work of a budgeted LRU
-     tier written inline (`inline_tier_lru_loop`), which bounds what any tier keeping values,
-     sizes and a recency order can reach in CPython.
+     `OrderedDict` LRU loop over the same trace. Beside them, two references written inline
+     with C-level batches and no classes, each checked to keep the same cache as the replay:
+     the dict work of a budgeted LRU tier (`inline_tier_lru_loop`: sizes, values and a recency
+     order), and the replay's per-request protocol on one index (`one_index_lru_loop`), which
+     bounds what any LRU driven by that protocol can reach in CPython.
 
     python -m lmcache_lab.experiments.bench_core [--trace PATH] [--repeat 3]
 """
@@ -18,6 +20,7 @@ import json
 import time
 from collections import OrderedDict, deque
 from itertools import chain, islice, repeat, takewhile
+from typing import Sequence
 
 import numpy as np
 
@@ -115,16 +118,55 @@ def inline_tier_lru_loop(requests, capacity_blocks: int) -> float:
     return hits / max(1, total)
 
 
-def bench_replay(trace: str | None, fraction: float = 0.05, repeat: int = 3) -> dict:
+def one_index_lru_loop(requests, capacity_blocks: int) -> float:
+    """Reference: the replay's per-request protocol (what a live engine does: look up, touch the
+    loaded prefix, evict and store the rest tail first, touch the whole chain) for LRU on a single
+    `OrderedDict` of key -> (value, parent), the least any tier and policy sharing one index would
+    keep. No budget, pins or classes; the gap to the bare loop is what the protocol costs: the
+    bare loop touches each block once, the protocol moves a hit three times (load, the parent
+    raise that keeps ancestors newer than a stored chain, the final touch) and a stored block
+    twice (insert, final touch)."""
+    consume = deque(maxlen=0).extend
+    index: OrderedDict = OrderedDict()   # key -> (value, parent), oldest first
+    move, block = index.move_to_end, object()
+    hits = total = 0
+    for req in requests:
+        ids = req.hash_ids
+        n = len(list(takewhile(index.__contains__, ids)))
+        hits += n
+        total += len(ids)
+        consume(map(move, reversed(ids[:n])))
+        if n < len(ids):
+            over = len(index) + len(ids) - n - capacity_blocks
+            if over > 0:
+                consume(map(index.pop, list(islice(index, over))))
+            parent = ids[n - 1] if n else None
+            tail_first = ids[n:][::-1]
+            index.update(zip(tail_first, zip(repeat(block), chain(islice(tail_first, 1, None), (parent,)))))
+            while parent is not None and parent in index:   # raise the parent and its ancestors
+                move(parent)
+                parent = index[parent][1]
+        consume(map(move, reversed(ids)))
+    return hits / max(1, total)
+
+
+REFERENCES = {"inline_tier_lru": inline_tier_lru_loop, "one_index_lru": one_index_lru_loop}
+
+
+def bench_replay(trace: str | None, fraction: float = 0.05, repeat: int = 3,
+                 policies: Sequence[str] = tuple(POLICIES)) -> dict:
     """Every loop is timed in rounds beside the bare baseline (best of `repeat` each): these
-    machines are shared, and a loop's speed also drifts with the heap the previous one left."""
+    machines are shared, and a loop's speed also drifts with the heap the previous one left.
+    Each reference and the real LRU replay must keep the same cache (same hit rate)."""
     requests = load_trace(trace)
     cap = int(fraction * unique_blocks(requests))
     block_bytes = 512 * LLAMA3_8B.kv_bytes_per_token
-    inline_hit_rate = inline_tier_lru_loop(requests, cap)
+    lru_hit_rate = inline_tier_lru_loop(requests, cap)
 
-    def lru_inline():
-        assert inline_tier_lru_loop(requests, cap) == inline_hit_rate
+    def reference(loop):
+        def run():
+            assert loop(requests, cap) == lru_hit_rate, f"{loop.__name__} keeps another cache than LRU"
+        return run
 
     def timed(fn) -> float:
         t0 = time.perf_counter()
@@ -133,13 +175,13 @@ def bench_replay(trace: str | None, fraction: float = 0.05, repeat: int = 3) -> 
 
     # name -> a run returning the seconds it took (a replay times its request loop only)
     out = {"trace": str(trace), "requests": len(requests), "capacity_blocks": cap}
-    loops = [("bare_lru", lambda: timed(lambda: bare_lru_loop(requests, cap))),
-             ("inline_tier_lru", lambda: timed(lru_inline))]
-    for name in POLICIES:
+    loops = [("bare_lru", lambda: timed(lambda: bare_lru_loop(requests, cap)))]
+    loops += [(name, lambda loop=loop: timed(reference(loop))) for name, loop in REFERENCES.items()]
+    for name in policies:
         def run(name=name):
             result = replay(requests, replay_tier(requests, make_policy(name, 512), cap * block_bytes), LLAMA3_8B)
-            if name == "lru":   # the inline reference keeps the same cache
-                assert result.chunk_hit_rate == inline_hit_rate, (result.chunk_hit_rate, inline_hit_rate)
+            if name == "lru":
+                assert result.chunk_hit_rate == lru_hit_rate, (result.chunk_hit_rate, lru_hit_rate)
             return result.seconds
         loops.append((name, run))
     for name, run in loops:
@@ -158,18 +200,25 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--fraction", type=float, default=0.05, help="capacity, fraction of unique blocks")
     ap.add_argument("--skip-hashing", action="store_true")
+    ap.add_argument("--policies", default=",".join(POLICIES), help="comma-separated (default: all)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     h = {} if args.skip_hashing else bench_hashing(repeat=args.repeat)
     if h:
         print_hashing(h, args.repeat)
-    r = bench_replay(args.trace, fraction=args.fraction, repeat=args.repeat)
+    policies = [name for name in args.policies.split(",") if name]
+    unknown = sorted(set(policies) - set(POLICIES))
+    if unknown:
+        ap.error(f"--policies: unknown {', '.join(unknown)}; choose from {', '.join(POLICIES)}")
+    r = bench_replay(args.trace, fraction=args.fraction, repeat=args.repeat, policies=policies)
     print(f"\ntrace replay, {r['trace']}, {r['requests']} requests, capacity {r['capacity_blocks']} blocks "
           f"({args.fraction:.0%} of unique), best of {args.repeat}:")
     print(f"  bare OrderedDict LRU loop      {r['bare_lru_req_per_s']:>12,.0f} req/s  {r['bare_lru_vs_bare']:>5.2f}x")
     print(f"  inline tier+LRU dict work      {r['inline_tier_lru_req_per_s']:>12,.0f} req/s  "
           f"{r['inline_tier_lru_vs_bare']:>5.2f}x   (reference: no classes)")
-    for name in POLICIES:
+    print(f"  replay protocol, one index     {r['one_index_lru_req_per_s']:>12,.0f} req/s  "
+          f"{r['one_index_lru_vs_bare']:>5.2f}x   (reference: no tier, no classes)")
+    for name in policies:
         print(f"  replay {name:<22}  {r[name + '_req_per_s']:>12,.0f} req/s  {r[name + '_vs_bare']:>5.2f}x")
     result = {"hashing": h, "replay": r}
     if args.json:
