@@ -8,7 +8,7 @@
      with C-level batches and no classes, each checked to keep the same cache as the replay:
      the dict work of a budgeted LRU tier (`inline_tier_lru_loop`: sizes, values and a recency
      order), and the replay's per-request protocol on one index (`one_index_lru_loop`), which
-     bounds what any LRU driven by that protocol can reach in CPython.
+     shows what that protocol costs before any tier or class adds to it.
 
     python -m lmcache_lab.experiments.bench_core [--trace PATH] [--repeat 3]
 """
@@ -160,6 +160,10 @@ def bench_replay(trace: str | None, fraction: float = 0.05, repeat: int = 3,
     Each reference and the real LRU replay must keep the same cache (same hit rate)."""
     requests = load_trace(trace)
     cap = int(fraction * unique_blocks(requests))
+    longest = max(len(req.hash_ids) for req in requests)
+    if cap < longest:
+        raise ValueError(f"fraction {fraction}: a capacity of {cap} blocks cannot hold the longest request "
+                         f"({longest} blocks), which the reference loops assume; use a larger fraction")
     block_bytes = 512 * LLAMA3_8B.kv_bytes_per_token
     lru_hit_rate = inline_tier_lru_loop(requests, cap)
 
@@ -210,7 +214,10 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = sorted(set(policies) - set(POLICIES))
     if unknown:
         ap.error(f"--policies: unknown {', '.join(unknown)}; choose from {', '.join(POLICIES)}")
-    r = bench_replay(args.trace, fraction=args.fraction, repeat=args.repeat, policies=policies)
+    try:
+        r = bench_replay(args.trace, fraction=args.fraction, repeat=args.repeat, policies=policies)
+    except ValueError as e:
+        ap.error(f"--{e}")
     print(f"\ntrace replay, {r['trace']}, {r['requests']} requests, capacity {r['capacity_blocks']} blocks "
           f"({args.fraction:.0%} of unique), best of {args.repeat}:")
     print(f"  bare OrderedDict LRU loop      {r['bare_lru_req_per_s']:>12,.0f} req/s  {r['bare_lru_vs_bare']:>5.2f}x")

@@ -30,3 +30,9 @@ def test_bench_core_runs_and_reports_every_ratio(capsys):
 def test_bench_core_rejects_an_unknown_policy():
     with pytest.raises(SystemExit):
         bench_core.main(["--skip-hashing", "--policies", "lru,nope"])
+
+
+def test_bench_core_rejects_a_capacity_below_the_longest_request(capsys):
+    with pytest.raises(SystemExit):
+        bench_core.main(["--skip-hashing", "--policies", "lru", "--fraction", "0.001"])
+    assert "cannot hold the longest request" in capsys.readouterr().err
