@@ -84,12 +84,6 @@ class LRUPolicy(EvictionPolicy):
         found = self._scan(1, can_evict)
         return found[0] if found else None
 
-    def pop_victim(self, can_evict=None):
-        key = self.victim(can_evict)
-        if key is not None:
-            del self._order[key]
-        return key
-
     def pop_victims(self, count, pinned=(), protect=None):
         order = self._order
         oldest = list(islice(order, count))
