@@ -1,10 +1,15 @@
 """Chunk keys: tokens -> full chunks -> chained 128-bit content hashes.
 
-    h_{-1} = H(namespace)                 namespace = everything that makes KV bytes differ
+    root   = H(namespace)                 namespace = everything engine-side that makes KV differ
+    h_{-1} = root, then for each (tag, value) of the request's identity, in order:
+             h_{-1} = H(h_{-1} || "id" || len(tag) || tag || len(value) || value)
     h_i    = H(h_{i-1} || tokens_i)       tokens_i = the i-th chunk as little-endian uint32
 
 A key therefore stands for the chunk *and every token before it*: equal keys mean equal prefixes,
-and a changed early token changes every later key. H is xxh3_128 (fast) or sha256 (asked for by
+and a changed early token changes every later key. The request identity holds what a single
+request adds that changes its KV (a LoRA adapter, a cache salt): each field is tagged and
+length-prefixed, so no value of one field can stand for another, nor for a different split of
+the same bytes; an empty identity leaves the root as it is. H is xxh3_128 (fast) or sha256 (asked for by
 config); never Python's `hash()`, which is salted per process. Only full chunks get keys: a
 trailing partial chunk is never stored, so hits are always a multiple of `chunk_size`.
 """
@@ -13,6 +18,7 @@ from __future__ import annotations
 import array
 import hashlib
 import json
+import struct
 import sys
 from dataclasses import asdict, dataclass
 from typing import Sequence
@@ -35,6 +41,10 @@ class Namespace:
 
     def seed(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
+
+
+Identity = Sequence[tuple[str, str]]
+"""Per-request fields that change KV beyond the token ids, as (tag, value) pairs in a fixed order."""
 
 
 def _hasher(name: str):
@@ -86,14 +96,27 @@ class ChunkKeyer:
     def num_full_chunks(self, num_tokens: int) -> int:
         return num_tokens // self.chunk_size
 
-    def keys(self, tokens: Sequence[int] | np.ndarray, max_chunks: int | None = None) -> list[bytes]:
-        """Keys of the full chunks of `tokens` (at most `max_chunks`), in prefix order."""
+    def request_root(self, identity: Identity = ()) -> bytes:
+        """The chain root of a request whose KV also depends on `identity`, a sequence of
+        (tag, value) string pairs (see the module docstring); `root` when it is empty."""
+        h = self.root
+        for tag, value in identity:
+            if not isinstance(tag, str) or not isinstance(value, str):
+                raise ValueError(f"identity: expected (str, str) pairs, got {(tag, value)!r}")
+            t, v = tag.encode(), value.encode()
+            h = self._h(h + b"id" + struct.pack("<I", len(t)) + t + struct.pack("<I", len(v)) + v)
+        return h
+
+    def keys(self, tokens: Sequence[int] | np.ndarray, max_chunks: int | None = None,
+             identity: Identity = ()) -> list[bytes]:
+        """Keys of the full chunks of `tokens` (at most `max_chunks`), in prefix order, for a
+        request with this `identity`."""
         buf = memoryview(token_bytes(tokens))
         n = len(buf) // (4 * self.chunk_size)
         if max_chunks is not None:
             n = min(n, max_chunks)
         step = self.chunk_size * 4
-        h, prev, out = self._h, self.root, []
+        h, prev, out = self._h, self.request_root(identity), []
         for i in range(n):
             prev = h(prev + buf[i * step:(i + 1) * step])
             out.append(prev)

@@ -70,3 +70,23 @@ def test_known_value_pins_the_format():
     import xxhash
     root = xxhash.xxh3_128_digest(Namespace(model="m").seed())
     assert k.keys([1, 2])[0] == xxhash.xxh3_128_digest(root + bytes([1, 0, 0, 0, 2, 0, 0, 0]))
+
+
+def test_request_identity_seeds_the_chain_and_its_fields_cannot_stand_for_each_other():
+    keyer = ChunkKeyer(Namespace(model="m"), chunk_size=4)
+    toks = list(range(12))
+    base = keyer.keys(toks)
+    assert keyer.keys(toks, identity=()) == base                       # no identity: the root
+    salted = keyer.keys(toks, identity=(("cache_salt", "a"),))
+    lora = keyer.keys(toks, identity=(("lora", "a"),))
+    assert len({base[0], salted[0], lora[0]}) == 3                       # tag separates fields
+    assert not set(base) & set(salted) and not set(salted) & set(lora)   # every key differs
+    assert keyer.keys(toks, identity=(("cache_salt", "a"),)) == salted   # deterministic
+    # length prefixes: moving bytes between tag and value, or between fields, changes the root
+    assert keyer.request_root((("ab", "c"),)) != keyer.request_root((("a", "bc"),))
+    assert keyer.request_root((("lora", "x"), ("cache_salt", "y"))) != \
+        keyer.request_root((("lora", "x\x00\x00\x00\x0acache_salt"),))
+    assert keyer.request_root((("lora", "x"), ("cache_salt", "y"))) != \
+        keyer.request_root((("cache_salt", "y"), ("lora", "x")))
+    with pytest.raises(ValueError):
+        keyer.request_root((("lora", 3),))
