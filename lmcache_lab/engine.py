@@ -9,9 +9,15 @@ always a multiple of `chunk_size`; the trailing partial chunk is always recomput
 
 A chunk's KV is one tensor per chunk (for the kernels' layout `[2, layers, chunk_size, heads*dim]`;
 the engine does not look inside). The codec turns it into stored tensors and back.
+
+Threads: every method may be called from several threads at once (a lookup server, the engine
+step, a write-behind thread). Each tier is guarded by its own lock (`TieredStore`), the statistics
+by another; no lock is held across two tiers, so slow disk or Redis I/O never blocks the memory
+tier.
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Sequence
@@ -20,7 +26,7 @@ import torch
 
 from lmcache_lab.codecs import get_codec
 from lmcache_lab.config import CacheConfig, load_config
-from lmcache_lab.keys import ChunkKeyer, Namespace
+from lmcache_lab.keys import ChunkKeyer, Identity, Namespace
 from lmcache_lab.tiers import BudgetedTier, TieredStore, build_tiers, payload_nbytes
 
 
@@ -28,7 +34,7 @@ from lmcache_lab.tiers import BudgetedTier, TieredStore, build_tiers, payload_nb
 class EngineStats:
     lookups: int = 0
     lookup_tokens: int = 0      # tokens asked about (full chunks only)
-    hit_tokens: int = 0         # tokens found cached by lookup
+    hit_tokens: int = 0         # tokens found cached by lookup (promised; loads may fall short)
     stored_chunks: int = 0
     stored_bytes: int = 0
     retrieved_chunks: int = 0
@@ -53,13 +59,20 @@ class CacheEngine:
         self.codec = get_codec(self.config.codec)
         self.store_ = TieredStore(build_tiers(self.config) if tiers is None else tiers)
         self.stats = EngineStats()
+        self._stats_lock = threading.Lock()
 
     @property
     def tiers(self) -> list[BudgetedTier]:
         return self.store_.tiers
 
-    def chunk_keys(self, tokens, max_chunks: int | None = None) -> list[bytes]:
-        return self.keyer.keys(tokens, max_chunks)
+    def count(self, **increments: float) -> None:
+        """Add to `stats` (thread-safe)."""
+        with self._stats_lock:
+            for name, n in increments.items():
+                setattr(self.stats, name, getattr(self.stats, name) + n)
+
+    def chunk_keys(self, tokens, max_chunks: int | None = None, identity: Identity = ()) -> list[bytes]:
+        return self.keyer.keys(tokens, max_chunks, identity)
 
     def lookup(self, tokens) -> int:
         return self.lookup_keys(self.keyer.keys(tokens)) * self.chunk_size
@@ -67,9 +80,17 @@ class CacheEngine:
     def lookup_keys(self, keys: Sequence[bytes]) -> int:
         """Number of leading `keys` (chained chunk keys, root first) present in some tier."""
         hit = self.store_.prefix_length(keys)
-        self.stats.lookups += 1
-        self.stats.lookup_tokens += len(keys) * self.chunk_size
-        self.stats.hit_tokens += hit * self.chunk_size
+        self.count(lookups=1, lookup_tokens=len(keys) * self.chunk_size, hit_tokens=hit * self.chunk_size)
+        return hit
+
+    def lookup_and_pin(self, keys: Sequence[bytes], skip: int = 0) -> int:
+        """`lookup_keys`, and pin the hit's chunks from `skip` on (`unpin(keys[skip:hit])` later).
+        The candidates are pinned before they are counted, so none that is counted can be evicted
+        by another thread in between; those past the hit are unpinned again."""
+        candidates = keys[skip:]
+        self.store_.pin(candidates)
+        hit = self.lookup_keys(keys)
+        self.store_.unpin(keys[max(skip, hit):])
         return hit
 
     def store(self, tokens, kv_chunks: Sequence[torch.Tensor], start: int = 0) -> int:
@@ -82,37 +103,40 @@ class CacheEngine:
         return self.store_keyed(keys, kv_chunks, start)
 
     def store_keyed(self, keys: Sequence[bytes], kv_chunks: Sequence[torch.Tensor], start: int = 0,
-                    tiers: Sequence[int] | None = None) -> int:
+                    tiers: Sequence[int] | None = None, touch: bool = True) -> int:
         """Store `kv_chunks[i]` under `keys[start + i]` (its parent is `keys[start + i - 1]`).
 
         `tiers` (indices into `self.tiers`) restricts the write to those tiers, e.g. the slow ones
-        written behind the step; a chunk already present in them is only touched. Statistics count
-        each chunk once: when it becomes resident in the first tier asked for."""
+        written behind the step; a chunk already present in one of them is skipped. With `touch`
+        the request's chain `keys[:start + len(kv_chunks)]` is then touched once per tier (a
+        caller that stores one request in several calls passes False and calls `touch` once at
+        its end, as the trace replay does). Statistics count each chunk once: when it becomes
+        resident in the first tier asked for."""
         t0 = time.perf_counter()
         if start < 0 or start + len(kv_chunks) > len(keys):
             raise ValueError(f"store_keyed: chunks {start}..{start + len(kv_chunks)} exceed "
                              f"{len(keys)} keys")
-        targets = self.store_.tiers if tiers is None else [self.store_.tiers[i] for i in tiers]
+        targets = self.store_.select(tiers)
         count = tiers is None or (len(tiers) and tiers[0] == 0)
-        stored = 0
-        for i, chunk in enumerate(kv_chunks, start):
-            key = keys[i]
-            if any(t.contains(key) for t in targets):
-                continue
-            value = self.codec.encode(chunk)
-            ok = False
-            for tier in targets:
-                ok |= tier.put(key, value, keys[i - 1] if i else None, i * self.chunk_size)
-            if ok:
-                stored += 1
-                if count:
-                    self.stats.stored_bytes += payload_nbytes(value)
+        new = [(i, self.codec.encode(chunk)) for i, chunk in enumerate(kv_chunks, start)
+               if not self.store_.contains(keys[i], targets)]
+        resident = [False] * len(new)
         for tier in targets:
-            tier.touch(keys[:start + len(kv_chunks)])
+            with tier.lock:
+                for j, (i, value) in enumerate(new):
+                    resident[j] |= tier.put(keys[i], value, keys[i - 1] if i else None,
+                                            i * self.chunk_size)
+        if touch:
+            self.store_.touch(keys[:start + len(kv_chunks)], targets)
         if count:
-            self.stats.stored_chunks += stored
-        self.stats.store_seconds += time.perf_counter() - t0
-        return stored
+            self.count(stored_chunks=sum(resident),
+                       stored_bytes=sum(payload_nbytes(v) for ok, (_, v) in zip(resident, new) if ok))
+        self.count(store_seconds=time.perf_counter() - t0)
+        return sum(resident)
+
+    def touch(self, keys: Sequence[bytes], tiers: Sequence[int] | None = None) -> None:
+        """Tell each tier's policy that a request used the chain `keys` (absent keys skipped)."""
+        self.store_.touch(keys, self.store_.select(tiers))
 
     def retrieve(self, tokens, num_tokens: int | None = None) -> list[torch.Tensor]:
         """KV chunks of the leading cached prefix (at most `num_tokens` tokens). Stops at the first
@@ -120,23 +144,20 @@ class CacheEngine:
         max_chunks = None if num_tokens is None else num_tokens // self.chunk_size
         return self.retrieve_keyed(self.keyer.keys(tokens, max_chunks), expected=num_tokens is not None)
 
-    def retrieve_keyed(self, keys: Sequence[bytes], start: int = 0, expected: bool = True
-                       ) -> list[torch.Tensor]:
+    def retrieve_keyed(self, keys: Sequence[bytes], start: int = 0, expected: bool = True,
+                       touch_tiers: Sequence[int] | None = None) -> list[torch.Tensor]:
         """KV chunks of `keys[start:]`, in order, stopping at the first one that cannot be read.
         With `expected` (the caller was promised these chunks by a lookup), a shortfall counts
-        as one `stats.load_failures` event."""
+        as one `stats.load_failures` event. The chain up to the last chunk read is touched in
+        `touch_tiers` (indices; all tiers when None)."""
         t0 = time.perf_counter()
         values = self.store_.get_chain(keys[start:], keys[start - 1] if start else None,
                                        start * self.chunk_size, self.chunk_size)
-        if expected and len(values) < len(keys) - start:
-            self.stats.load_failures += 1
-        out: list[torch.Tensor] = []
-        for value in values:
-            out.append(self.codec.decode(value))
-            self.stats.retrieved_bytes += payload_nbytes(value)
-        self.store_.touch(keys[:start + len(out)])
-        self.stats.retrieved_chunks += len(out)
-        self.stats.retrieve_seconds += time.perf_counter() - t0
+        out = [self.codec.decode(value) for value in values]
+        self.touch(keys[:start + len(out)], touch_tiers)
+        self.count(load_failures=int(expected and len(values) < len(keys) - start),
+                   retrieved_chunks=len(out), retrieved_bytes=sum(map(payload_nbytes, values)),
+                   retrieve_seconds=time.perf_counter() - t0)
         return out
 
     def pin(self, tokens, num_tokens: int) -> list[bytes]:

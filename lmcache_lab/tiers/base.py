@@ -9,9 +9,12 @@ Invariants:
   * a pinned key (pin count > 0) is never evicted; pins nest.
   * `get` returns a verified value or None. A value that fails verification is deleted and
     counted as `corrupt`; it is never returned.
+  * a tier is not thread-safe by itself: callers that share one between threads hold its `lock`
+    for each call (`TieredStore` does), so slow I/O in one tier never blocks another tier.
 """
 from __future__ import annotations
 
+import threading
 from bisect import bisect_right
 from collections import Counter
 from dataclasses import dataclass
@@ -61,6 +64,7 @@ class BudgetedTier:
         self._sizes: dict[Key, int] = {}
         self._max_nbytes = 1   # >= every resident chunk's size (sizes the eviction batches)
         self._pins: Counter = Counter()
+        self.lock = threading.RLock()   # held by callers that share the tier between threads
 
     # ---- index ----------------------------------------------------------------------------------
     def __len__(self) -> int:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import threading
+from collections import Counter
 from typing import Any, Sequence
 
 from lmcache_lab.tiers.base import BudgetedTier, Key
@@ -13,16 +15,30 @@ class TieredStore:
     * A key is present if any tier holds it; `prefix_length` walks tier by tier in batches.
     * `get` / `get_chain` walk fastest first and promote a hit from a lower tier into every tier
       above it.
+    * Thread-safe per tier: every call on a tier holds that tier's `lock` and no other, so a slow
+      disk or Redis call never blocks the memory tier.
+    * Pins are shared by all tiers (one count per key, under a lock of their own, never a tier's):
+      pinning never waits for a tier's I/O. A caller that needs several calls to see one state
+      (count, then load) pins first: a tier decides and performs an eviction under its lock, so
+      a count taken under that lock after the pin can only see keys no eviction will take.
     """
 
     def __init__(self, tiers: Sequence[BudgetedTier]):
         self.tiers = list(tiers)
+        self._pins: Counter = Counter()
+        self._pin_lock = threading.Lock()
+        for tier in self.tiers:
+            tier._pins = self._pins
+
+    def select(self, indices: Sequence[int] | None) -> list[BudgetedTier]:
+        return self.tiers if indices is None else [self.tiers[i] for i in indices]
 
     def prefix_length(self, keys: Sequence[Key]) -> int:
         n = 0
         while n < len(keys):
             for tier in self.tiers:
-                m = tier.prefix_length(keys[n:])
+                with tier.lock:
+                    m = tier.prefix_length(keys[n:])
                 if m:
                     n += m
                     break
@@ -30,19 +46,28 @@ class TieredStore:
                 break
         return n
 
-    def contains(self, key: Key) -> bool:
-        return any(tier.contains(key) for tier in self.tiers)
+    def contains(self, key: Key, tiers: Sequence[BudgetedTier] | None = None) -> bool:
+        for tier in self.tiers if tiers is None else tiers:
+            with tier.lock:
+                if tier.contains(key):
+                    return True
+        return False
 
     def put(self, key: Key, value: Any, parent: Key | None = None, position: int = 0) -> bool:
         stored = False
         for tier in self.tiers:
-            stored |= tier.put(key, value, parent, position)
+            with tier.lock:
+                stored |= tier.put(key, value, parent, position)
         return stored
 
     def put_chain(self, keys: Sequence[Key], values: Sequence[Any], parent: Key | None = None,
                   position: int = 0, step: int = 0) -> int:
         """`BudgetedTier.put_chain` on every tier; how many leading keys the best tier holds."""
-        return max((tier.put_chain(keys, values, parent, position, step) for tier in self.tiers), default=0)
+        best = 0
+        for tier in self.tiers:
+            with tier.lock:
+                best = max(best, tier.put_chain(keys, values, parent, position, step))
+        return best
 
     def get(self, key: Key, parent: Key | None = None, position: int = 0) -> Any | None:
         values = self.get_chain([key], parent, position)
@@ -62,29 +87,48 @@ class TieredStore:
         for t, tier in enumerate(self.tiers):
             if not missing:
                 break
-            for i, value in zip(missing, tier.get_many([keys[i] for i in missing])):
+            with tier.lock:
+                got = tier.get_many([keys[i] for i in missing])
+            for i, value in zip(missing, got):
                 values[i], source[i] = value, t
             missing = [i for i in missing if values[i] is None]
         found = missing[0] if missing else len(keys)
-        for i in range(found):
-            for upper in self.tiers[:source[i]]:
-                upper.put(keys[i], values[i], keys[i - 1] if i else parent, position + i * step)
+        for u, upper in enumerate(self.tiers):
+            promote = [i for i in range(found) if source[i] > u]
+            if promote:
+                with upper.lock:
+                    for i in promote:
+                        upper.put(keys[i], values[i], keys[i - 1] if i else parent, position + i * step)
         return values[:found]
 
-    def touch(self, chain: Sequence[Key]) -> None:
-        for tier in self.tiers:
-            tier.touch(chain)
+    def touch(self, chain: Sequence[Key], tiers: Sequence[BudgetedTier] | None = None) -> None:
+        for tier in self.tiers if tiers is None else tiers:
+            with tier.lock:
+                tier.touch(chain)
 
     def pin(self, keys: Sequence[Key]) -> None:
-        for tier in self.tiers:
-            for key in keys:
-                tier.pin(key)
+        """No tier evicts these keys until they are unpinned; pins nest."""
+        with self._pin_lock:
+            self._pins.update(keys)
 
     def unpin(self, keys: Sequence[Key]) -> None:
-        for tier in self.tiers:
+        with self._pin_lock:
             for key in keys:
-                tier.unpin(key)
+                n = self._pins[key] - 1
+                if n < 0:
+                    del self._pins[key]
+                    raise RuntimeError("unpin of a key that is not pinned")
+                if n:
+                    self._pins[key] = n
+                else:
+                    del self._pins[key]
+
+    def pinned(self) -> int:
+        """Keys with a pin (a gauge for leaks: zero when no request is between lookup and load)."""
+        with self._pin_lock:
+            return len(self._pins)
 
     def close(self) -> None:
         for tier in self.tiers:
-            tier.close()
+            with tier.lock:
+                tier.close()
