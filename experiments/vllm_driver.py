@@ -3,30 +3,56 @@
     python -m lmcache_lab.experiments.vllm_driver spec.json result.json
 
 Each engine runs in its own process (tests and benchmarks start this module with `subprocess`),
-so engines never share state except through what they are meant to share (a disk tier).
+so engines never share state except through what they are meant to share (a disk tier, Redis).
 
 spec = {
   "model": "<dir>", "dtype": "float32" | "bfloat16",
   "connector": {...lmcache_lab config...} | null,      # LMCacheLabConnector with this extra config
   "example_connector": "<dir>" | null,                  # vLLM's in-tree ExampleConnector instead
+  "kv_role": "kv_both",                                 # or kv_consumer (loads, never stores)
   "enable_prefix_caching": true, "max_model_len": 4096, "max_num_batched_tokens": null,
+  "engine_args": {...},     # more keyword arguments of vllm.LLM, e.g. num_gpu_blocks_override,
+                            # enable_lora, max_lora_rank, disable_log_stats (false: vllm_stats)
+  "env": {...},             # environment set before vLLM is imported (overrides CPU_ENV)
   "ops": [
-    {"op": "generate", "prompts": [[ids...], ...], "max_tokens": 8, "reset_each": false},
-                                                   # greedy; records tokens, num_cached_tokens and
-                                                   # the call's wall time; reset_each: one prompt
-                                                   # at a time, reset_prefix_cache() before each
+    {"op": "generate", "prompts": [[ids...], ...], "max_tokens": 8, "reset_each": false,
+     "sequential": false, "salt": null, "lora": null},
+                              # greedy; records tokens, num_cached_tokens, the call's wall time
+                              # and its start/end (time.time()); reset_each: one prompt at a time,
+                              # reset_prefix_cache() before each; sequential: one prompt at a time
+                              # without a reset (seconds_each per prompt in both); salt: the
+                              # prompts' cache_salt; lora: an adapter directory (LoRARequest)
     {"op": "reset"},                               # llm.reset_prefix_cache()
     {"op": "scrape", "port": 9100},                # lmcache_lab_* samples from the endpoint
+    {"op": "vllm_stats"},                          # vLLM's own counters and gauges (name ->
+                                                   # value summed over labels), e.g.
+                                                   # vllm:num_preemptions; needs log stats on
     {"op": "corrupt", "path": "<disk tier dir>", "positions": [256]},  # damage stored chunks
-    {"op": "sleep", "seconds": 0.5}
+    {"op": "sleep", "seconds": 0.5},
+    {"op": "barrier", "dir": "<dir>", "name": "a", "parties": 2, "timeout_s": 300},
+                              # wait until `parties` engines have reached a barrier of this dir
+    {"op": "redis", "url": "redis://...", "command": ["DEBUG", "SLEEP", "3"], "background": true},
+                              # one Redis command, from a thread of its own when background; the
+                              # result ({reply, start, end}) is filled when it returns
+    {"op": "abort_before_load", "blocker": [ids...], "blocker_max_tokens": 64,
+     "victim": [ids...], "steps": 3}
+                              # in-process engines only (VLLM_ENABLE_V1_MULTIPROCESSING=0): run
+                              # `blocker`; add `victim` when the KV cache cannot take it, step
+                              # `steps` times (the scheduler looks the victim up, asks the
+                              # connector, fails to allocate), abort it, run the blocker to the
+                              # end. Records what the scheduler asked the connector about the
+                              # victim (matched / allocated external tokens), its status at the
+                              # abort and the blocker's tokens.
   ]}
-result = {"results": [one entry per op], "startup_s": float}
+result = {"results": [one entry per op], "startup_s": float,
+          "kv_cache": {"block_size": int, "num_blocks": int}}      # the engine's paged KV cache
 """
 from __future__ import annotations
 
 import json
 import os
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -39,7 +65,8 @@ def kv_transfer_config(spec: dict) -> dict | None:
     if spec.get("connector") is not None:
         return {"kv_connector": "LMCacheLabConnector",
                 "kv_connector_module_path": "lmcache_lab.integrations.vllm",
-                "kv_role": "kv_both", "kv_connector_extra_config": spec["connector"]}
+                "kv_role": spec.get("kv_role", "kv_both"),
+                "kv_connector_extra_config": spec["connector"]}
     if spec.get("example_connector"):
         return {"kv_connector": "ExampleConnector", "kv_role": "kv_both",
                 "kv_connector_extra_config": {"shared_storage_path": spec["example_connector"]}}
@@ -73,11 +100,102 @@ def corrupt(path: str, positions: list[int]) -> int:
     return hit
 
 
+def barrier(directory: str, name: str, parties: int, timeout_s: float = 300.0) -> float:
+    """Mark `name` as arrived in `directory`; wait until `parties` have. Returns seconds waited."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"{name}.arrived").touch()
+    t0 = time.monotonic()
+    while len(list(d.glob("*.arrived"))) < parties:
+        if time.monotonic() - t0 > timeout_s:
+            raise TimeoutError(f"barrier {directory}: {parties} parties did not arrive")
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+def redis_command(url: str, command: list, into: dict) -> None:
+    """Run one Redis command on a connection of its own; its reply and wall times go to `into`."""
+    import redis
+
+    into["start"] = time.time()
+    try:
+        reply = redis.Redis.from_url(url, socket_timeout=60).execute_command(*command)
+        into["reply"] = reply.decode() if isinstance(reply, bytes) else reply
+    except Exception as e:  # reported, not raised: the engine's behaviour is what is measured
+        into["error"] = repr(e)
+    into["end"] = time.time()
+
+
+def vllm_stats(llm) -> dict[str, float]:
+    """vLLM's own counters and gauges, summed over labels (`llm.get_metrics()`)."""
+    from vllm.v1.metrics.reader import Counter, Gauge
+
+    out: dict[str, float] = {}
+    for m in llm.get_metrics():
+        if isinstance(m, (Counter, Gauge)):
+            out[m.name] = out.get(m.name, 0) + m.value
+    return out
+
+
+def abort_before_load(llm, op: dict, params_of) -> dict:
+    """See the module docstring. The scheduler's connector is wrapped to record its calls about
+    the victim (the KVConnectorBase_V1 hooks `get_num_new_matched_tokens`,
+    `update_state_after_alloc`), so the caller can tell the victim was looked up, never loaded."""
+    from vllm.inputs import TokensPrompt
+
+    engine = llm.llm_engine
+    core = getattr(engine.engine_core, "engine_core", None)
+    if core is None:
+        raise RuntimeError("abort_before_load needs an in-process engine "
+                           "(VLLM_ENABLE_V1_MULTIPROCESSING=0)")
+    sched = core.scheduler
+    conn = sched.connector
+    matched, allocated = [], []
+    lookup, after_alloc = conn.get_num_new_matched_tokens, conn.update_state_after_alloc
+
+    def spy_lookup(request, num_computed):
+        out = lookup(request, num_computed)
+        if request.request_id.startswith("victim"):
+            matched.append(out[0])
+        return out
+
+    def spy_alloc(request, blocks, num_external):
+        if request.request_id.startswith("victim"):
+            allocated.append(num_external)
+        return after_alloc(request, blocks, num_external)
+
+    conn.get_num_new_matched_tokens, conn.update_state_after_alloc = spy_lookup, spy_alloc
+    try:
+        engine.add_request("blocker", TokensPrompt(prompt_token_ids=list(op["blocker"])),
+                           params_of(op["blocker_max_tokens"]))
+        outputs = []
+        while not sched.running:                 # the blocker is admitted (its blocks taken)
+            outputs += engine.step()
+        engine.add_request("victim", TokensPrompt(prompt_token_ids=list(op["victim"])),
+                           params_of(8))
+        for _ in range(op.get("steps", 3)):
+            outputs += engine.step()
+        victim = next(r for rid, r in sched.requests.items() if rid.startswith("victim"))
+        status, computed = victim.status.name, victim.num_computed_tokens
+        engine.abort_request(["victim"])
+        while engine.has_unfinished_requests():
+            outputs += engine.step()
+    finally:
+        conn.get_num_new_matched_tokens, conn.update_state_after_alloc = lookup, after_alloc
+    blocker = [o for o in outputs if o.request_id.startswith("blocker") and o.finished]
+    return {"victim_matched": matched, "victim_allocated": allocated, "victim_status": status,
+            "victim_computed_tokens": computed,
+            "victim_outputs": sum(o.request_id.startswith("victim") for o in outputs),
+            "blocker_tokens": list(blocker[0].outputs[0].token_ids) if blocker else None}
+
+
 def run(spec: dict) -> dict:
     for k, v in CPU_ENV.items():
         os.environ.setdefault(k, v)
+    os.environ.update(spec.get("env", {}))
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
+    from vllm.lora.request import LoRARequest
 
     t0 = time.perf_counter()
     kwargs = dict(model=spec["model"], dtype=spec.get("dtype", "float32"), enforce_eager=True,
@@ -85,43 +203,77 @@ def run(spec: dict) -> dict:
                   enable_prefix_caching=spec.get("enable_prefix_caching", True))
     if spec.get("max_num_batched_tokens"):
         kwargs["max_num_batched_tokens"] = spec["max_num_batched_tokens"]
+    kwargs.update(spec.get("engine_args", {}))
     ktc = kv_transfer_config(spec)
     if ktc is not None:
         kwargs["kv_transfer_config"] = ktc
     llm = LLM(**kwargs)
-    results: list = [] 
-    out = {"startup_s": time.perf_counter() - t0, "results": results}
+    results: list = []
+    cc = llm.llm_engine.vllm_config.cache_config
+    out = {"startup_s": time.perf_counter() - t0, "results": results,
+           "kv_cache": {"block_size": cc.block_size, "num_blocks": cc.num_gpu_blocks}}
+    loras: dict[str, LoRARequest] = {}
+    background: list[threading.Thread] = []
+
+    def params_of(max_tokens: int) -> SamplingParams:
+        return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
     for op in spec["ops"]:
         kind = op["op"]
         if kind == "generate":
-            params = SamplingParams(temperature=0.0, max_tokens=op.get("max_tokens", 8),
-                                    ignore_eos=True)
-            prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in op["prompts"]]
-            if op.get("reset_each"):   # one prompt at a time, each with the engine's APC empty
-                outs, seconds = [], 0.0
+            params = params_of(op.get("max_tokens", 8))
+            extra = {"cache_salt": op["salt"]} if op.get("salt") else {}
+            prompts = [TokensPrompt(prompt_token_ids=list(p), **extra) for p in op["prompts"]]
+            lora = None
+            if op.get("lora"):
+                lora = loras.setdefault(op["lora"], LoRARequest(
+                    f"adapter{len(loras) + 1}", len(loras) + 1, op["lora"]))
+            start = time.time()
+            if op.get("reset_each") or op.get("sequential"):   # one prompt at a time
+                outs, each = [], []
                 for p in prompts:
-                    llm.reset_prefix_cache()
+                    if op.get("reset_each"):                    # with the engine's APC empty
+                        llm.reset_prefix_cache()
                     t = time.perf_counter()
-                    outs += llm.generate([p], params, use_tqdm=False)
-                    seconds += time.perf_counter() - t
+                    outs += llm.generate([p], params, use_tqdm=False, lora_request=lora)
+                    each.append(time.perf_counter() - t)
+                seconds = sum(each)
             else:
                 t = time.perf_counter()
-                outs = llm.generate(prompts, params, use_tqdm=False)
-                seconds = time.perf_counter() - t
-            results.append({"seconds": seconds,
+                outs = llm.generate(prompts, params, use_tqdm=False, lora_request=lora)
+                seconds, each = time.perf_counter() - t, None
+            results.append({"seconds": seconds, "seconds_each": each, "start": start,
+                            "end": time.time(),
                             "tokens": [list(o.outputs[0].token_ids) for o in outs],
                             "num_cached_tokens": [o.num_cached_tokens for o in outs]})
         elif kind == "reset":
             results.append(llm.reset_prefix_cache())
         elif kind == "scrape":
             results.append(scrape(op["port"]))
+        elif kind == "vllm_stats":
+            results.append(vllm_stats(llm))
         elif kind == "corrupt":
             results.append(corrupt(op["path"], op["positions"]))
         elif kind == "sleep":
             time.sleep(op["seconds"])
             results.append(None)
+        elif kind == "barrier":
+            results.append(barrier(op["dir"], op["name"], op["parties"], op.get("timeout_s", 300)))
+        elif kind == "redis":
+            into: dict = {}
+            args = (op["url"], op["command"], into)
+            if op.get("background"):
+                background.append(threading.Thread(target=redis_command, args=args, daemon=True))
+                background[-1].start()
+            else:
+                redis_command(*args)
+            results.append(into)
+        elif kind == "abort_before_load":
+            results.append(abort_before_load(llm, op, params_of))
         else:
             raise ValueError(f"unknown op {kind!r}")
+    for t in background:
+        t.join(timeout=120)
     return out
 
 

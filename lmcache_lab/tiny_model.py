@@ -120,6 +120,66 @@ def build_tiny_model(path: str | os.PathLike, spec: TinyModelSpec | None = None)
     return path
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def build_tiny_lora(path: str | os.PathLike, model_dir: str | os.PathLike, rank: int = 8,
+                    alpha: int = 16, targets: tuple[str, ...] = ("q_proj", "v_proj"),
+                    scale: float = 1.0, seed: int = 0) -> Path:
+    """Write a random LoRA adapter for the tiny Llama in `model_dir`, in PEFT's file format
+    (`adapter_config.json` + `adapter_model.safetensors`); returns `path`.
+
+    Every `targets` projection of every layer gets `lora_A` [rank, in] and `lora_B` [out, rank],
+    seeded. PEFT initialises `lora_B` to zero (a no-op adapter); here both are random, with
+    `scale` sizing the update relative to the base weights (the update B @ A * alpha / rank has
+    about `scale` times the base weights' standard deviation), so greedy outputs change.
+    Deterministic: the same arguments give the same files (rewritten only when they differ).
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    assert rank > 0 and set(targets) <= set(LORA_TARGETS), f"targets must be among {LORA_TARGETS}"
+    model_dir, path = Path(model_dir), Path(path)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    hidden, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    kv = cfg["num_key_value_heads"] * (hidden // cfg["num_attention_heads"])
+    shapes = {"q_proj": (hidden, hidden), "k_proj": (hidden, kv), "v_proj": (hidden, kv),
+              "o_proj": (hidden, hidden), "gate_proj": (hidden, inter),
+              "up_proj": (hidden, inter), "down_proj": (inter, hidden)}          # (in, out)
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
+              "target_modules": sorted(targets), "lora_dropout": 0.0, "bias": "none",
+              "fan_in_fan_out": False, "modules_to_save": None, "use_rslora": False,
+              "use_dora": False, "base_model_name_or_path": str(model_dir),
+              "lmcache_lab_lora": {"scale": scale, "seed": seed}}
+    marker = path / "adapter_config.json"
+    if marker.exists() and (path / "adapter_model.safetensors").exists():
+        try:
+            if json.loads(marker.read_text()) == config:
+                return path
+        except ValueError:
+            pass  # unreadable: rewrite below
+    base_std = cfg.get("initializer_range", 0.02)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(layers):
+        for name in sorted(targets):
+            fan_in, fan_out = shapes[name]
+            block = "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            prefix = f"base_model.model.model.layers.{layer}.{block}.{name}"
+            # (B @ A)[o, i] = sum of `rank` products: std(A) * std(B) * sqrt(rank) * alpha / rank
+            a = torch.randn(rank, fan_in, generator=gen) / fan_in ** 0.5               # [r, in]
+            b_std = scale * base_std * fan_in ** 0.5 * rank ** 0.5 / alpha
+            b = torch.randn(fan_out, rank, generator=gen) * b_std                        # [out, r]
+            tensors[prefix + ".lora_A.weight"] = a.contiguous()
+            tensors[prefix + ".lora_B.weight"] = b.contiguous()
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / ".adapter_model.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path / "adapter_model.safetensors")
+    marker.write_text(json.dumps(config, indent=1))
+    return path
+
+
 def num_parameters(spec: TinyModelSpec, vocab: int | None = None) -> int:
     """Parameter count of the Llama built from `spec` (untied embeddings, no biases)."""
     v = vocab or spec.vocab

@@ -56,3 +56,18 @@ def scrape_metrics(port: int) -> dict[str, float]:
     from lmcache_lab.experiments.vllm_driver import scrape
 
     return scrape(port)
+
+
+def loadable(prompt_len: int, chunk: int) -> int:
+    """Tokens of a prompt the connector can serve: its full chunks, leaving at least one prompt
+    token to compute (the engine needs logits to sample from)."""
+    return max(0, prompt_len - 1) // chunk * chunk
+
+
+def run_engines_at_once(specs: list[tuple[dict, bool, Path]]) -> list[dict]:
+    """Run several engines concurrently, each in its own process; results in the given order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(specs)) as pool:
+        futures = [pool.submit(run_engine, *s) for s in specs]
+        return [f.result() for f in futures]
