@@ -12,6 +12,8 @@ Hydra's composed config and from the vLLM connector's `kv_connector_extra_config
       redis: {url: null}                           # off while url is null
     codec: none
     metrics: {port: null, host: 127.0.0.1}         # off while port is null
+    write_behind: {max_bytes: 256MiB}              # pending writes to disk/Redis; beyond: skipped
+    lookup_timeout_s: 2.0                          # vLLM scheduler's wait for a lookup; then a miss
 
 Invariants are checked in `__post_init__`, so an invalid value fails at start-up with one
 `ConfigError` that names the key and what is allowed.
@@ -171,6 +173,16 @@ class MetricsConfig:
 
 
 @dataclass
+class WriteBehindConfig:
+    """Writes to slow tiers (disk, Redis) run behind the engine step, in at most `max_bytes` of
+    pending chunk bytes; a chunk that would exceed it is skipped for the slow tiers (counted)."""
+    max_bytes: int = 256 * 2**20
+
+    def __post_init__(self):
+        self.max_bytes = parse_size(self.max_bytes, "write_behind.max_bytes")
+
+
+@dataclass
 class CacheConfig:
     chunk_size: int = 256
     hash: str = "xxh3_128"
@@ -178,8 +190,13 @@ class CacheConfig:
     tiers: TiersConfig = field(default_factory=TiersConfig)
     codec: str = "none"
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    write_behind: WriteBehindConfig = field(default_factory=WriteBehindConfig)
+    lookup_timeout_s: float = 2.0
 
     def __post_init__(self):
+        if isinstance(self.lookup_timeout_s, bool) or not isinstance(self.lookup_timeout_s, (int, float)) \
+                or self.lookup_timeout_s <= 0:
+            raise ConfigError(f"lookup_timeout_s: must be a number of seconds > 0, got {self.lookup_timeout_s!r}")
         if not isinstance(self.chunk_size, int) or isinstance(self.chunk_size, bool) or self.chunk_size <= 0:
             raise ConfigError(f"chunk_size: must be a positive integer, got {self.chunk_size!r}")
         _check_choice("hash", self.hash, HASHES)
@@ -226,7 +243,7 @@ def _build(cls, data: dict[str, Any], prefix: str):
 
 _NESTED = {"PolicyConfig": PolicyConfig, "TiersConfig": TiersConfig, "CpuTierConfig": CpuTierConfig,
            "DiskTierConfig": DiskTierConfig, "RedisTierConfig": RedisTierConfig,
-           "MetricsConfig": MetricsConfig}
+           "MetricsConfig": MetricsConfig, "WriteBehindConfig": WriteBehindConfig}
 
 
 def _nested_type(f: dataclasses.Field):

@@ -11,7 +11,10 @@ Who records what:
 So one endpoint per engine sees every process's numbers, whether the worker runs in the
 scheduler's process (vLLM's `uni` executor) or in its own (`mp`).
 
-Hit rate = rate(lmcache_lab_hit_tokens_total) / rate(lmcache_lab_lookup_tokens_total).
+Hit rate = rate(lmcache_lab_hit_tokens_total) / rate(lmcache_lab_lookup_tokens_total). Hit tokens
+are counted when they are loaded into the engine, not when a lookup promises them: a promised
+chunk that is gone by load time (evicted by another process from a shared tier, corrupt) counts
+in lmcache_lab_failed_load_tokens_total instead, and is recomputed.
 """
 from __future__ import annotations
 
@@ -29,40 +32,55 @@ MAX_SAMPLES = 256  # latency samples carried per delta; more are folded into the
 
 @dataclass
 class MetricsDelta:
-    """What one worker did since its last delta. Counters are increments; tier gauges are the
-    latest absolute values (summed over workers, each holding its own tiers)."""
+    """What one worker did since its last delta. Counters are increments; gauges are the latest
+    absolute values (summed over workers, each holding its own tiers; peaks take the maximum)."""
     stored_chunks: int = 0
     stored_bytes: int = 0
     retrieved_chunks: int = 0
     retrieved_bytes: int = 0
     load_failures: int = 0
     store_failures: int = 0
+    loaded_tokens: int = 0                 # tokens loaded into the engine (hits that happened)
+    failed_load_tokens: int = 0            # tokens promised by a lookup that could not be loaded
+    write_behind_skipped_chunks: int = 0   # slow-tier writes skipped: write-behind budget full
     evictions: dict[str, int] = field(default_factory=dict)          # tier -> count
     tier_used_bytes: dict[str, int] = field(default_factory=dict)    # tier -> bytes
     tier_capacity_bytes: dict[str, int] = field(default_factory=dict)
     tier_chunks: dict[str, int] = field(default_factory=dict)
+    gauges: dict[str, int] = field(default_factory=dict)             # GAUGES name -> value
     load_seconds: list[float] = field(default_factory=list)
     store_seconds: list[float] = field(default_factory=list)
 
+    COUNTERS = ("stored_chunks", "stored_bytes", "retrieved_chunks", "retrieved_bytes",
+                "load_failures", "store_failures", "loaded_tokens", "failed_load_tokens",
+                "write_behind_skipped_chunks")
+
     def is_empty(self) -> bool:
-        return not (self.stored_chunks or self.retrieved_chunks or self.load_failures
-                    or self.store_failures
-                    or any(self.evictions.values()) or self.load_seconds or self.store_seconds
-                    or self.tier_used_bytes)
+        return not (any(getattr(self, c) for c in self.COUNTERS) or any(self.evictions.values())
+                    or self.load_seconds or self.store_seconds or self.tier_used_bytes or self.gauges)
 
     def aggregate(self, other: "MetricsDelta") -> "MetricsDelta":
         def add(a: dict, b: dict) -> dict:
             return {k: a.get(k, 0) + b.get(k, 0) for k in a.keys() | b.keys()}
+        gauges = add(self.gauges, other.gauges)
+        for k in gauges.keys() & PEAK_GAUGES:
+            gauges[k] = max(self.gauges.get(k, 0), other.gauges.get(k, 0))
         return MetricsDelta(
-            self.stored_chunks + other.stored_chunks, self.stored_bytes + other.stored_bytes,
-            self.retrieved_chunks + other.retrieved_chunks,
-            self.retrieved_bytes + other.retrieved_bytes, self.load_failures + other.load_failures,
-            self.store_failures + other.store_failures,
+            *(getattr(self, c) + getattr(other, c) for c in self.COUNTERS),
             add(self.evictions, other.evictions), add(self.tier_used_bytes, other.tier_used_bytes),
             add(self.tier_capacity_bytes, other.tier_capacity_bytes),
-            add(self.tier_chunks, other.tier_chunks),
+            add(self.tier_chunks, other.tier_chunks), gauges,
             (self.load_seconds + other.load_seconds)[-MAX_SAMPLES:],
             (self.store_seconds + other.store_seconds)[-MAX_SAMPLES:])
+
+
+# Worker-side gauges carried in `MetricsDelta.gauges`: name -> help. Peaks aggregate by maximum.
+GAUGES = {
+    "pinned_chunks": "Chunks pinned between a lookup and its load (0 when no request is in between)",
+    "write_behind_pending_bytes": "Chunk bytes waiting to be written to slow tiers (disk, Redis)",
+    "write_behind_peak_bytes": "Highest write_behind_pending_bytes of any worker (<= write_behind.max_bytes)",
+}
+PEAK_GAUGES = {"write_behind_peak_bytes"}
 
 
 class CacheMetrics:
@@ -75,8 +93,14 @@ class CacheMetrics:
         self.lookup_tokens = Counter(PREFIX + "lookup_tokens",
                                      "Prompt tokens in full chunks asked about", registry=r)
         self.hit_tokens = Counter(PREFIX + "hit_tokens",
-                                  "Prompt tokens the cache reported as hits (loaded, not computed)",
+                                  "Prompt tokens loaded from the cache into the engine (not computed)",
                                   registry=r)
+        self.failed_load_tokens = Counter(
+            PREFIX + "failed_load_tokens",
+            "Prompt tokens a lookup promised that could not be loaded (recomputed instead)", registry=r)
+        self.write_behind_skipped_chunks = Counter(
+            PREFIX + "write_behind_skipped_chunks",
+            "Chunks not written to slow tiers because the write-behind budget was full", registry=r)
         self.engine_prefix_hit_tokens = Counter(
             PREFIX + "engine_prefix_hit_tokens",
             "Prompt tokens already served by the engine's own prefix cache (APC), not by this one",
@@ -96,12 +120,21 @@ class CacheMetrics:
         self.lookup_errors = Counter(
             PREFIX + "lookup_errors", "Lookups the worker's cache could not answer (counted as misses)",
             registry=r)
+        self.refused_requests = Counter(
+            PREFIX + "refused_requests",
+            "Requests neither looked up nor stored: their KV depends on more than token ids "
+            "(prompt embeddings, multimodal inputs)", registry=r)
+        self.plan_errors = Counter(
+            PREFIX + "plan_errors",
+            "Requests whose load or store could not be planned in a step (loads recomputed)",
+            registry=r)
         self.evictions = Counter(PREFIX + "evictions", "Chunks evicted, per tier", ["tier"], registry=r)
         self.tier_used_bytes = Gauge(PREFIX + "tier_used_bytes", "Bytes held, per tier", ["tier"],
                                      registry=r)
         self.tier_capacity_bytes = Gauge(PREFIX + "tier_capacity_bytes", "Byte budget, per tier",
                                          ["tier"], registry=r)
         self.tier_chunks = Gauge(PREFIX + "tier_chunks", "Chunks held, per tier", ["tier"], registry=r)
+        self.gauges = {name: Gauge(PREFIX + name, doc, registry=r) for name, doc in GAUGES.items()}
         self.load_seconds = Histogram(PREFIX + "load_seconds",
                                       "Time to load one request's hit chunks into the engine",
                                       buckets=LATENCY_BUCKETS, registry=r)
@@ -110,11 +143,16 @@ class CacheMetrics:
                                        buckets=LATENCY_BUCKETS, registry=r)
         self._server = None
 
-    def record_lookup(self, lookup_tokens: int, hit_tokens: int, engine_prefix_tokens: int) -> None:
+    def record_lookup(self, lookup_tokens: int, engine_prefix_tokens: int) -> None:
+        """One request looked up: its tokens in full chunks, and those the engine's own prefix
+        cache already had. Hits are counted when they are loaded (`record_load`)."""
         self.requests.inc()
         self.lookup_tokens.inc(lookup_tokens)
-        self.hit_tokens.inc(hit_tokens)
         self.engine_prefix_hit_tokens.inc(engine_prefix_tokens)
+
+    def record_load(self, loaded_tokens: int, failed_tokens: int) -> None:
+        self.hit_tokens.inc(loaded_tokens)
+        self.failed_load_tokens.inc(failed_tokens)
 
     def apply(self, d: MetricsDelta) -> None:
         """Fold a worker delta into the metrics (scheduler side)."""
@@ -124,6 +162,10 @@ class CacheMetrics:
         self.retrieved_bytes.inc(d.retrieved_bytes)
         self.load_failures.inc(d.load_failures)
         self.store_failures.inc(d.store_failures)
+        self.record_load(d.loaded_tokens, d.failed_load_tokens)
+        self.write_behind_skipped_chunks.inc(d.write_behind_skipped_chunks)
+        for name, v in d.gauges.items():
+            self.gauges[name].set(v)
         for tier, n in d.evictions.items():
             self.evictions.labels(tier).inc(n)
         for gauge, values in ((self.tier_used_bytes, d.tier_used_bytes),
@@ -167,6 +209,7 @@ class DeltaTracker:
         self._evictions: dict[str, int] = {}
         self._load: list[float] = []
         self._store: list[float] = []
+        self._gauges: dict[str, int] = {}
         self._gauges_due = True
 
     def observe_load(self, seconds: float) -> None:
@@ -177,15 +220,18 @@ class DeltaTracker:
         self._store.append(seconds)
         del self._store[:-MAX_SAMPLES]
 
-    def take(self, engine, store_failures: int = 0) -> MetricsDelta | None:
-        """The delta since the previous call; None when nothing changed."""
+    def take(self, engine, counters: dict[str, int] | None = None,
+             gauges: dict[str, int] | None = None) -> MetricsDelta | None:
+        """The delta since the previous call; None when nothing changed. `counters` are the
+        caller's own cumulative counters (names of `MetricsDelta.COUNTERS`, beside the engine's
+        statistics); `gauges` its current `GAUGES` values (sent when they change)."""
         s = engine.stats
         now = {"stored_chunks": s.stored_chunks, "stored_bytes": s.stored_bytes,
                "retrieved_chunks": s.retrieved_chunks, "retrieved_bytes": s.retrieved_bytes,
-               "load_failures": s.load_failures, "store_failures": store_failures}
+               "load_failures": s.load_failures, **(counters or {})}
         d = MetricsDelta(**{k: v - self._last.get(k, 0) for k, v in now.items()})
         self._last = now
-        changed = bool(d.stored_chunks or d.retrieved_chunks or d.load_failures or d.store_failures)
+        changed = any(getattr(d, c) for c in MetricsDelta.COUNTERS)
         for tier in engine.tiers:
             ev = tier.stats.evictions
             if ev != self._evictions.get(tier.name, 0):
@@ -198,6 +244,8 @@ class DeltaTracker:
                 d.tier_capacity_bytes[tier.name] = tier.capacity_bytes
                 d.tier_chunks[tier.name] = len(tier)
             self._gauges_due = False
+        if gauges and gauges != self._gauges:
+            d.gauges, self._gauges = dict(gauges), dict(gauges)
         d.load_seconds, self._load = self._load, []
         d.store_seconds, self._store = self._store, []
         return None if d.is_empty() else d

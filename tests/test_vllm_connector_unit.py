@@ -53,7 +53,7 @@ class FakeLookup:
     def __init__(self, present: int):
         self.present, self.calls = present, []
 
-    def __call__(self, req_id, prompt, max_chunks, skip):
+    def __call__(self, req_id, prompt, max_chunks, skip, identity=()):
         self.calls.append((req_id, len(prompt), max_chunks, skip))
         return min(self.present, max_chunks)
 
@@ -127,6 +127,54 @@ def test_declined_hits_and_finished_requests_are_released():
     plan = p.step([], [], {})
     assert plan.release == ["a"] and plan.finished == ["b"]
     assert p.step([], [], {}).release == []
+
+
+def test_load_starts_where_vllm_computed_and_follows_its_trim():
+    """vLLM 0.32 defines the external tokens as starting at the `num_computed_tokens` it passed
+    to get_num_new_matched_tokens, and may trim them from the end (to a block boundary): the load
+    is [num_computed, num_computed + accepted), not a window ending at the hit."""
+    p = Planner(CS, BS, FakeLookup(present=3))
+    assert p.match("r", list(range(30)), 4) == (20, 24)       # APC has one block
+    p.allocated("r", 16)                                      # vLLM trimmed 4 tokens off the end
+    (load,) = p.step([("r", list(range(8)), 4)], [], {"r": 10}).loads
+    assert (load.start, load.end, load.failed) == (4, 20, False)
+    assert load.slots.tolist() == slot_mapping(np.arange(8), BS, 4, 20).tolist()
+
+
+def test_chunk_not_a_multiple_of_the_block_size():
+    cs, bs = 6, 4                                            # hits end mid-block
+    p = Planner(cs, bs, FakeLookup(present=3))
+    assert p.match("r", list(range(20)), 0) == (18, 18)
+    p.allocated("r", 18)
+    plan = p.step([("r", [3, 1, 4, 1, 5], 0)], [], {"r": 2})
+    (load,) = plan.loads
+    assert (load.start, load.end) == (0, 18)
+    assert load.slots.tolist() == slot_mapping(np.array([3, 1, 4, 1, 5]), bs, 0, 18).tolist()
+    assert not plan.stores                                    # chunks 0..2 are cached; 20 < 4*6
+
+
+def test_a_load_beyond_the_hit_or_an_unplannable_one_never_raises():
+    p = Planner(CS, BS, FakeLookup(present=1))
+    p.match("r", list(range(30)), 0)
+    p.allocated("r", 16)                                      # more than the 8-token hit: no raise
+    assert p.errors == 1
+    (load,) = p.step([("r", list(range(8)), 0)], [], {"r": 14}).loads
+    assert (load.start, load.end) == (0, 16)                  # the worker loads what exists
+    p.match("s", list(range(30)), 0)
+    p.allocated("s", 8)
+    plan = p.step([("s", [9], 0)], [], {"s": 14})             # too few blocks for the slots
+    (load,) = plan.loads
+    assert load.failed and load.blocks.tolist() == [9] and not plan.stores
+    assert p.errors == 2
+
+
+def test_a_lookup_without_a_hit_is_released_too():
+    """A lookup answered after the scheduler's timeout may have pinned chunks the scheduler never
+    heard of: a declined or empty hit always releases."""
+    p = Planner(CS, BS, FakeLookup(present=0))
+    p.match("a", list(range(30)), 0)
+    p.allocated("a", 0)
+    assert p.step([], [], {}).release == ["a"]
 
 
 def test_load_disabled_never_reports_hits_but_stores():
@@ -221,6 +269,43 @@ def test_lookup_over_the_socket_matches_the_local_answer():
     assert gone.lookup("r", toks.tolist(), 4, 0) == 0 and gone.errors == 1
 
 
+def test_identity_travels_over_the_socket():
+    cache = make_cache()
+    toks = np.arange(40)
+    keys = cache.engine.chunk_keys(toks, identity=(("cache_salt", "tenant-a"),))
+    for i in range(2):
+        cache.engine.store_keyed(keys, [chunk(i)], i)
+    cache.serve(socket_path("unit-identity", 0), b"k")
+    client = LookupClient([socket_path("unit-identity", 0)], b"k", connect_timeout_s=5)
+    try:
+        assert client.lookup("r", toks.tolist(), 4, 0) == 0                     # no salt
+        assert client.lookup("r", toks.tolist(), 4, 0, (("cache_salt", "tenant-b"),)) == 0
+        assert client.lookup("r", toks.tolist(), 4, 0, (("lora", "tenant-a"),)) == 0
+        assert client.lookup("r", toks.tolist(), 4, 0, (("cache_salt", "tenant-a"),)) == 2
+    finally:
+        client.close()
+        cache.close()
+
+
+def test_a_stalled_worker_is_a_counted_miss_and_its_late_answer_is_dropped():
+    cache = make_cache()
+    toks = np.arange(40)
+    fill(cache, toks, 2)
+    cache.serve(socket_path("unit-stall", 0), b"k")
+    client = LookupClient([socket_path("unit-stall", 0)], b"k", connect_timeout_s=5, timeout_s=0.2)
+    tier = cache.engine.tiers[0]
+    try:
+        with tier.lock:                                   # the worker cannot answer meanwhile
+            assert client.lookup("r", toks.tolist(), 4, 0) == 0
+        assert client.errors == 1
+        # the late answer (2) went with the dropped connection; this one is fresh
+        assert client.lookup("s", list(range(500, 540)), 4, 0) == 0 and client.errors == 1
+        assert client.lookup("r", toks.tolist(), 4, 0) == 2
+    finally:
+        client.close()
+        cache.close()
+
+
 def test_wrong_authkey_is_refused():
     cache = make_cache()
     cache.serve(socket_path("unit-auth", 0), b"right")
@@ -250,8 +335,27 @@ def test_deltas_from_the_worker_add_up_in_the_scheduler_metrics():
     assert metrics.value("lmcache_lab_tier_chunks", tier="cpu") == 2
     assert metrics.value("lmcache_lab_load_seconds_count") == 1
     assert tracker.take(cache.engine) is None  # nothing new
-    metrics.record_lookup(32, 16, 8)
-    assert metrics.value("lmcache_lab_hit_tokens_total") == 16
+    metrics.record_lookup(32, 8)
+    assert metrics.value("lmcache_lab_hit_tokens_total") == 0    # promised is not loaded
+    assert metrics.value("lmcache_lab_engine_prefix_hit_tokens_total") == 8
+
+
+def test_hit_tokens_count_loaded_tokens_and_failed_loads_their_own():
+    """The connector's load reports what it loaded and what fell short; the scheduler's metrics
+    count hits from that, not from the lookup's promise."""
+    metrics = CacheMetrics()
+    tracker = DeltaTracker()
+    cache = make_cache()
+    counters = {"loaded_tokens": 16, "failed_load_tokens": 8}
+    metrics.apply(tracker.take(cache.engine, counters, {"pinned_chunks": 3}))
+    metrics.apply(tracker.take(cache.engine, {"loaded_tokens": 24, "failed_load_tokens": 8},
+                               {"pinned_chunks": 0}))
+    assert metrics.value("lmcache_lab_hit_tokens_total") == 24
+    assert metrics.value("lmcache_lab_failed_load_tokens_total") == 8
+    assert metrics.value("lmcache_lab_pinned_chunks") == 0
+    a = MetricsDelta(gauges={"write_behind_peak_bytes": 5, "pinned_chunks": 1})
+    b = MetricsDelta(gauges={"write_behind_peak_bytes": 7, "pinned_chunks": 2})
+    assert a.aggregate(b).gauges == {"write_behind_peak_bytes": 7, "pinned_chunks": 3}
 
 
 def test_metrics_endpoint_serves_on_loopback():
@@ -260,7 +364,7 @@ def test_metrics_endpoint_serves_on_loopback():
     metrics = CacheMetrics()
     port = metrics.serve(0)
     try:
-        metrics.record_lookup(256, 256, 0)
+        metrics.record_load(256, 0)
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         assert "lmcache_lab_hit_tokens_total 256.0" in body
     finally:

@@ -29,9 +29,13 @@ Invariants:
   * Host memory is touched only in the calling thread, inside the call: pages are copied out of
     the host pool before a write is queued, and loaded pages are copied in only after the read
     returned in time. A timed-out read therefore never writes into host pages SGLang has reused.
-  * No tier fault reaches SGLang's I/O threads: every tier operation runs on one I/O thread
-    (tiers are not thread-safe; SGLang calls from several threads), and a fault there is logged
-    with its traceback and answered as a miss or a failed write.
+  * No tier fault reaches SGLang's I/O threads: lookups, reads and memory-tier writes run on one
+    I/O thread (SGLang calls from several threads), and a fault there is logged with its
+    traceback and answered as a miss or a failed write.
+  * Slow tiers (disk, Redis) are written behind by the same `WriteBehind` as the vLLM connector
+    uses, in at most `write_behind.max_bytes` of pending pages; a page that does not fit is
+    skipped for them (counted). Each tier has its own lock (`TieredStore`), so a slow write never
+    blocks a read served by the memory tier.
 """
 from __future__ import annotations
 
@@ -55,6 +59,8 @@ from lmcache_lab.kernels.layout import SUPPORTED_DTYPES, KVLayout, validate_cach
 from lmcache_lab.kernels.paged import gather, scatter
 from lmcache_lab.keys import Namespace
 from lmcache_lab.metrics import CacheMetrics, DeltaTracker
+from lmcache_lab.tiers import MemoryTier
+from lmcache_lab.write_behind import WriteBehind
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +161,11 @@ class LMCacheLabStorage(HiCacheStorage):
         self.metrics = CacheMetrics()
         self._tracker = DeltaTracker()
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmcache_lab-sglang-io")
+        tiers = self.engine.tiers
+        self._fast = [i for i, t in enumerate(tiers) if isinstance(t, MemoryTier)]
+        self._slow = [i for i, t in enumerate(tiers) if not isinstance(t, MemoryTier)]
+        self._writer = WriteBehind(self.config.write_behind.max_bytes,
+                                   name="lmcache_lab-sglang-writer") if self._slow else None
         self._pending = 0
         self._lock = threading.Lock()           # guards _pending and the StorageMetrics lists
         self._periods: dict[str, list] = {"prefetch_pgs": [], "backup_pgs": [],
@@ -247,9 +258,7 @@ class LMCacheLabStorage(HiCacheStorage):
             try:
                 return fn()
             finally:
-                delta = self._tracker.take(self.engine)
-                if delta is not None:
-                    self.metrics.apply(delta)
+                self._apply_delta()
                 with self._lock:
                     self._pending -= 1
 
@@ -265,6 +274,17 @@ class LMCacheLabStorage(HiCacheStorage):
             log.exception("sglang backend: %s failed; answered as a miss", what)
         return default
 
+    def _apply_delta(self) -> None:
+        counters, gauges = {}, {}
+        if self._writer is not None:
+            ws = self._writer.stats
+            counters = {"write_behind_skipped_chunks": ws.skipped, "store_failures": ws.failed}
+            gauges = {"write_behind_pending_bytes": ws.pending_bytes,
+                      "write_behind_peak_bytes": ws.peak_bytes}
+        delta = self._tracker.take(self.engine, counters, gauges)
+        if delta is not None:
+            self.metrics.apply(delta)
+
     def _fetch(self, chain: list[bytes], start: int) -> list[torch.Tensor]:
         """(I/O thread) Pages `chain[start:]` up to the first miss or wrong-sized value. SGLang
         reads only pages `batch_exists` reported, so a shortfall counts as a load failure."""
@@ -274,20 +294,32 @@ class LMCacheLabStorage(HiCacheStorage):
         for value in values:
             if not self._is_page(value):
                 self.stats_.wrong_pages += 1
-                self.engine.stats.load_failures += 1
+                self.engine.count(load_failures=1)
                 log.warning("sglang backend: stored value %s %s is not a page %s %s; a miss",
                             list(value.shape), value.dtype, list(self.spec.shape) if self.spec else "?",
                             self.spec.dtype if self.spec else "")
                 break
             out.append(value)
+        page = self.spec.page_size if self.spec else 1
+        self.metrics.record_load(len(out) * page, (len(chain) - start - len(out)) * page)
         self._tracker.observe_load(time.perf_counter() - t0)
         return out
 
     def _store(self, chain: list[bytes], start: int, pages: list[torch.Tensor]) -> int:
-        """(I/O thread) Store `pages` under `chain[start:]`; how many leading ones are present after."""
+        """(I/O thread) Store `pages` under `chain[start:]`: memory tiers now, slow tiers behind
+        (skipped when the write-behind budget is full). How many leading pages are stored or
+        queued afterwards."""
         t0 = time.perf_counter()
-        self.engine.store_keyed(chain, pages, start)
-        present = self.engine.store_.prefix_length(chain[start:start + len(pages)])
+        present = len(pages)
+        if self._fast:
+            self.engine.store_keyed(chain, pages, start, tiers=self._fast)
+            present = self.engine.store_.prefix_length(chain[start:start + len(pages)])
+        if self._writer is not None:
+            nbytes = sum(p.nbytes for p in pages)
+            queued = self._writer.submit(nbytes, lambda: self.engine.store_keyed(
+                chain, pages, start, tiers=self._slow))
+            if not queued and not self._fast:
+                present = 0
         self._tracker.observe_store(time.perf_counter() - t0)
         return present
 
@@ -332,7 +364,7 @@ class LMCacheLabStorage(HiCacheStorage):
         if hit is None:
             self.metrics.lookup_errors.inc()
             hit = 0
-        self.metrics.record_lookup(len(keys) * page, hit * page, 0)
+        self.metrics.record_lookup(len(keys) * page, 0)
         return hit
 
     # ---- generic (copying) interface --------------------------------------------------------------
@@ -474,8 +506,10 @@ class LMCacheLabStorage(HiCacheStorage):
         """Delete every stored page in every tier (in Redis: all instances' pages under the key
         prefix, as SGLang's file backend clears its shared folder). Pinned pages stay."""
         def wipe():
+            self.flush()
             for tier in self.engine.tiers:
-                tier.clear()
+                with tier.lock:
+                    tier.clear()
             return True
         return bool(self._call("clear", wipe, False, timeout=None))
 
@@ -497,7 +531,14 @@ class LMCacheLabStorage(HiCacheStorage):
         return {"backend": asdict(self.stats_), "engine": self.engine.stats.as_dict(),
                 "tiers": {t.name: asdict(t.stats) for t in self.engine.tiers}}
 
+    def flush(self) -> None:
+        """Wait until every queued slow-tier write has run (or was skipped)."""
+        if self._writer is not None:
+            self._writer.flush()
+
     def close(self) -> None:
         self._io.shutdown(wait=True, cancel_futures=True)
+        if self._writer is not None:
+            self._writer.close()
         self.engine.close()
         self.metrics.close()

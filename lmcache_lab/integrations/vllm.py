@@ -48,6 +48,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from lmcache_lab.config import CacheConfig, load_config
 from lmcache_lab.engine import CacheEngine
 from lmcache_lab.integrations.vllm_cache import LookupClient, WorkerCache, socket_path
+from lmcache_lab.integrations.vllm_identity import model_fingerprint, pipeline_rank, request_identity
 from lmcache_lab.integrations.vllm_plan import LoadSpec, Planner, StepPlan, StoreSpec, loadable_chunks
 from lmcache_lab.keys import Namespace
 from lmcache_lab.kernels.layout import KVLayout
@@ -94,14 +95,22 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def make_namespace(vllm_config: "VllmConfig", config: CacheConfig, layout: KVLayout,
-                   kv_dtype: torch.dtype, tp_rank: int, tp_size: int) -> Namespace:
-    """Everything that makes this engine's KV bytes differ from another's."""
+                   kv_dtype: torch.dtype, tp_rank: int, tp_size: int, pp_rank: int = 0,
+                   pp_size: int = 1) -> Namespace:
+    """Everything engine-side that makes this engine's KV bytes differ from another's: the model
+    (path, revision, and a fingerprint of its KV-relevant settings and weight files), the KV
+    dtype and layout, the tensor- and pipeline-parallel rank (a pipeline stage holds other
+    layers), the codec. Per-request inputs (LoRA, cache salt) go into each request's chain root
+    instead (`vllm_identity.request_identity`)."""
     mc = vllm_config.model_config
-    model = f"{mc.model}@{mc.revision or ''}"
+    model = f"{mc.model}@{mc.revision or ''}#{model_fingerprint(vllm_config)}"
     shape = (f"{layout.name}:L{layout.num_layers}:bs{layout.block_size}:"
              f"H{layout.num_kv_heads}:D{layout.head_size}")
+    pc = vllm_config.parallel_config
+    # context parallelism shards a request's KV by token across ranks: its sizes separate stores
+    cp = f"dcp={pc.decode_context_parallel_size};pcp={pc.prefill_context_parallel_size}"
     return Namespace(model=model, kv_dtype=_dtype_name(kv_dtype), layout=shape, tp_rank=tp_rank,
-                     tp_size=tp_size, codec=config.codec)
+                     tp_size=tp_size, codec=config.codec, extra=f"pp={pp_rank}/{pp_size};{cp}")
 
 
 # ================================================================================= connector
@@ -116,8 +125,10 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         self.block_size = vllm_config.cache_config.block_size
         self.engine_id = str(self._kv_transfer_config.engine_id)
         self._authkey = ("lmcache_lab:" + self.engine_id).encode()
-        # data-parallel engines share the engine id: each gets its own lookup endpoint
-        self._endpoint = f"{self.engine_id}-dp{vllm_config.parallel_config.data_parallel_rank}"
+        # data-parallel engines share the engine id: each gets its own lookup endpoint; so does
+        # each pipeline stage (its workers hold other layers)
+        pc = vllm_config.parallel_config
+        self._endpoint = f"{self.engine_id}-dp{pc.data_parallel_rank}"
         kv_role = self._kv_transfer_config.kv_role
         self.load_enabled = kv_role in ("kv_both", "kv_consumer")
         self.store_enabled = kv_role in ("kv_both", "kv_producer")
@@ -129,14 +140,16 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         # scheduler side
         self._planner: Planner | None = None
         self._client: LookupClient | None = None
+        self._plan_errors = 0
         self.metrics: CacheMetrics | None = None
         self.metrics_port: int | None = None
         if role == KVConnectorRole.SCHEDULER:
             # A cache fault must cost a recompute, never a failed request.
             self._kv_transfer_config.kv_load_failure_policy = "recompute"
-            tp = vllm_config.parallel_config.tensor_parallel_size
-            self._client = LookupClient([socket_path(self._endpoint, r) for r in range(tp)],
-                                        self._authkey)
+            # one worker per (pipeline stage, tensor rank), ranked as vLLM ranks them
+            ranks = pc.tensor_parallel_size * pc.pipeline_parallel_size
+            self._client = LookupClient([socket_path(self._endpoint, r) for r in range(ranks)],
+                                        self._authkey, timeout_s=self.config.lookup_timeout_s)
             self._planner = Planner(self.config.chunk_size, self.block_size, self._lookup,
                                     load_enabled=self.load_enabled,
                                     store_enabled=self.store_enabled)
@@ -153,26 +166,38 @@ class LMCacheLabConnector(KVConnectorBase_V1):
                             self.block_size)
 
     # ------------------------------------------------------------------ scheduler side
-    def _lookup(self, req_id: str, prompt, max_chunks: int, skip: int) -> int:
+    def _lookup(self, req_id: str, prompt, max_chunks: int, skip: int, identity) -> int:
         errors = self._client.errors
-        hit = self._client.lookup(req_id, prompt, max_chunks, skip)
+        hit = self._client.lookup(req_id, prompt, max_chunks, skip, identity)
         if self._client.errors != errors:
             self.metrics.lookup_errors.inc(self._client.errors - errors)
         return hit
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int
                                    ) -> tuple[int | None, bool]:
-        prompt = request.prompt_token_ids
-        if prompt is None or getattr(request, "mm_features", None):
-            return 0, False   # prompt embeddings / multimodal inputs: KV depends on more than ids
-        planner = self._planner
-        ext, _hit = planner.match(request.request_id, prompt, num_computed_tokens)
-        t = planner.requests[request.request_id]
-        if not t.counted:
-            t.counted = True
-            lookup = loadable_chunks(len(prompt), planner.chunk_size) * planner.chunk_size
-            self.metrics.record_lookup(lookup, ext, min(num_computed_tokens, lookup))
-        return ext, False
+        """External tokens beyond `num_computed_tokens` (vLLM's own prefix-cache hit) that the
+        cache holds for this request. A request whose KV depends on more than its token ids
+        (prompt embeddings, multimodal inputs) is neither looked up nor stored; any fault here is
+        a counted miss, never an exception in vLLM's scheduler."""
+        try:
+            identity = request_identity(request)
+            if identity is None:
+                self.metrics.refused_requests.inc()
+                return 0, False
+            planner = self._planner
+            ext, _hit = planner.match(request.request_id, request.prompt_token_ids,
+                                      num_computed_tokens, identity)
+            t = planner.requests[request.request_id]
+            if not t.counted:
+                t.counted = True
+                lookup = loadable_chunks(t.prompt_len, planner.chunk_size) * planner.chunk_size
+                self.metrics.record_lookup(lookup, min(num_computed_tokens, lookup))
+            return ext, False
+        except Exception:
+            log.exception("lmcache_lab: lookup of request %s failed; counted as a miss",
+                          request.request_id)
+            self.metrics.lookup_errors.inc()
+            return 0, False
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
                                  num_external_tokens: int):
@@ -185,6 +210,8 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         cached = [(rid, (c.new_block_ids[i] or (None,))[0], rid in c.resumed_req_ids,
                    c.num_computed_tokens[i]) for i, rid in enumerate(c.req_ids)]
         plan: StepPlan = self._planner.step(new, cached, scheduler_output.num_scheduled_tokens)
+        self.metrics.plan_errors.inc(self._planner.errors - self._plan_errors)
+        self._plan_errors = self._planner.errors
         return LMCacheLabConnectorMetadata(plan.loads, plan.stores, plan.release, plan.finished)
 
     def update_connector_output(self, connector_output: "KVConnectorOutput"):
@@ -210,11 +237,12 @@ class LMCacheLabConnector(KVConnectorBase_V1):
                              f"supported: {', '.join(LAYOUTS)}")
         self._layers = [kv_caches[n] for n in names]
         self._layout = KVLayout.from_tensors(LAYOUTS[next(iter(backends))], self._layers)
-        rank = get_tensor_model_parallel_rank()
+        tp_rank, tp_size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+        pp_rank, pp_size = pipeline_rank(self._vllm_config)
         ns = make_namespace(self._vllm_config, self.config, self._layout, self._layers[0].dtype,
-                            rank, get_tensor_model_parallel_world_size())
+                            tp_rank, tp_size, pp_rank, pp_size)
         self._cache = WorkerCache(CacheEngine(self.config, namespace=ns))
-        self._cache.serve(socket_path(self._endpoint, rank), self._authkey)
+        self._cache.serve(socket_path(self._endpoint, pp_rank * tp_size + tp_rank), self._authkey)
         atexit.register(self._cache.close)
         log.info("lmcache_lab: %s layout, %d layers, chunk_size %d, tiers %s, namespace %s",
                  self._layout.name, self._layout.num_layers, self.config.chunk_size,
@@ -235,6 +263,11 @@ class LMCacheLabConnector(KVConnectorBase_V1):
     def _load(self, spec: LoadSpec) -> None:
         cs = self.config.chunk_size
         t0 = time.perf_counter()
+        if spec.failed:   # the scheduler could not plan it: vLLM must recompute these blocks
+            self._cache.release(spec.req_id)
+            self._invalid_blocks.update(spec.blocks.tolist())
+            self._cache.count(failed_load_tokens=spec.end - spec.start)
+            return
         first, last = spec.start // cs, -(-spec.end // cs)
         loaded_to = spec.start          # tokens [spec.start, loaded_to) are in the engine
         try:
@@ -250,12 +283,13 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         except Exception:
             log.exception("lmcache_lab: loading request %s failed; its blocks are recomputed",
                           spec.req_id)
-            with self._cache.lock:
-                self._cache.engine.stats.load_failures += 1
+            self._cache.engine.count(load_failures=1)
         if loaded_to < spec.end:
             # vLLM recomputes from the first invalid block on (a partly loaded block included).
             failed = spec.slots[loaded_to - spec.start:] // self.block_size
             self._invalid_blocks.update(np.unique(failed).tolist())
+        self._cache.count(loaded_tokens=loaded_to - spec.start,
+                          failed_load_tokens=spec.end - loaded_to)
         self._cache.deltas.observe_load(time.perf_counter() - t0)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
@@ -288,8 +322,7 @@ class LMCacheLabConnector(KVConnectorBase_V1):
             except Exception:
                 log.exception("lmcache_lab: storing chunk %d of request %s failed; it will be "
                               "a miss", i, spec.req_id)
-                with self._cache.lock:
-                    self._cache.store_failures += 1
+                self._cache.count(store_failures=1)
         self._cache.deltas.observe_store(time.perf_counter() - t0)
 
     def get_block_ids_with_load_errors(self) -> set[int]:

@@ -4,26 +4,36 @@ vLLM runs the scheduler and the workers in different processes (on CPU always: i
 `mp`). The chunks live with the worker, so the worker owns the `CacheEngine`, the chunk keys of
 each live request and the pins; the scheduler asks it through a local socket:
 
-    scheduler  LookupClient.lookup(req_id, prompt, max_chunks, skip)  --unix socket-->
-    worker     WorkerCache.lookup: key the prompt, count the cached prefix, pin the chunks the
-               answer promises (beyond `skip`), all under one lock -> reply with the count
+    scheduler  LookupClient.lookup(req_id, prompt, identity, max_chunks, skip)  --unix socket-->
+    worker     WorkerCache.lookup: key the prompt under the request's identity, pin the chunks
+               the answer may promise (beyond `skip`), count the cached prefix, unpin the rest
+               -> reply with the count
 
 Invariants:
-  * one lock serialises every operation on the engine (lookup thread, the step's loads and
-    stores, the write-behind thread), so a chunk counted by a lookup is pinned before anything
-    else can evict it, and stays pinned until the request's load ran, its hit was declined, it
-    was looked up again, or it finished;
+  * a chunk counted by a lookup is pinned before it is counted (`CacheEngine.lookup_and_pin`),
+    so nothing evicts it from this process's tiers before the worker has loaded it; it stays
+    pinned until the request's load ran, its hit was declined, it was looked up again, or it
+    finished. A shared tier (Redis, a disk directory) can still lose it to another process: the
+    load then falls short, the missing tokens are recomputed and counted as failed loads;
+  * locks: `lock` guards only the per-request dicts and is never held during tier I/O; each tier
+    has its own lock (`TieredStore`), so a slow disk or Redis write never blocks a lookup or a
+    load served by the memory tier;
+  * slow tiers (disk, Redis) are written behind the step by one `WriteBehind` thread in at most
+    `write_behind.max_bytes` of pending chunks; a chunk that does not fit is skipped for them
+    (counted), never waited for;
+  * the tiers' policies see one touch per request and tier on the store path, at its end (the
+    chunks of a request are stored over several steps without touching), as the trace replay
+    does; a load touches the loaded chain, as the replay's hit touch;
   * the wire messages are a small JSON header plus raw little-endian uint32 tokens; nothing is
     unpickled; the socket lives in a private per-engine directory (0700) and the listener
-    requires vLLM's engine id as authentication key;
-  * slow tiers (disk, Redis) are written behind the step by one thread; `flush()` waits for it.
+    requires vLLM's engine id as authentication key; a lookup not answered within
+    `lookup_timeout_s` is a miss (counted), and its connection is dropped with any late reply.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import queue
 import tempfile
 import threading
 import time
@@ -36,8 +46,10 @@ import torch
 import xxhash
 
 from lmcache_lab.engine import CacheEngine
+from lmcache_lab.keys import Identity
 from lmcache_lab.metrics import DeltaTracker
-from lmcache_lab.tiers import MemoryTier
+from lmcache_lab.tiers import MemoryTier, payload_nbytes
+from lmcache_lab.write_behind import WriteBehind
 
 log = logging.getLogger(__name__)
 
@@ -57,107 +69,113 @@ class WorkerCache:
 
     def __init__(self, engine: CacheEngine):
         self.engine = engine
-        self.lock = threading.RLock()
+        self.lock = threading.Lock()                # guards keys, pins and the counters below
         self.keys: dict[str, list[bytes]] = {}      # req_id -> keys of its full prompt chunks
         self.pins: dict[str, list[bytes]] = {}      # req_id -> keys pinned for its load
         self.fast = [i for i, t in enumerate(engine.tiers) if isinstance(t, MemoryTier)]
         self.slow = [i for i, t in enumerate(engine.tiers) if not isinstance(t, MemoryTier)]
         self.deltas = DeltaTracker()
-        self.store_failures = 0
-        self._queue: queue.Queue | None = None
-        self._writer: threading.Thread | None = None
+        self.counters = {"store_failures": 0, "loaded_tokens": 0, "failed_load_tokens": 0}
+        self.writer = WriteBehind(engine.config.write_behind.max_bytes) if self.slow else None
         self._listener: Listener | None = None
-        if self.slow:
-            self._queue = queue.Queue()
-            self._writer = threading.Thread(target=self._write_behind, daemon=True,
-                                            name="lmcache-lab-writer")
-            self._writer.start()
+
+    def count(self, **increments: int) -> None:
+        with self.lock:
+            for name, n in increments.items():
+                self.counters[name] += n
 
     # ---- requests ---------------------------------------------------------------------------------
-    def lookup(self, req_id: str, tokens: np.ndarray, max_chunks: int, skip: int) -> int:
-        """Key `tokens` (all full chunks, kept for the request's stores), count the cached prefix
-        among the first `max_chunks`, pin chunks [skip, hit) for the request's load."""
-        keys = self.engine.chunk_keys(tokens)
+    def lookup(self, req_id: str, tokens: np.ndarray, max_chunks: int, skip: int,
+               identity: Identity = ()) -> int:
+        """Key `tokens` (all full chunks, kept for the request's stores) under the request's
+        `identity`, count the cached prefix among the first `max_chunks`, pin chunks [skip, hit)
+        for the request's load (replacing any pins of an earlier lookup of it)."""
+        keys = self.engine.chunk_keys(tokens, identity=identity)
         with self.lock:
-            self._unpin(req_id)
             self.keys[req_id] = keys
-            hit = self.engine.lookup_keys(keys[:max_chunks]) if max_chunks > 0 else 0
-            if hit > skip:
-                pins = keys[skip:hit]
-                self.engine.pin_keys(pins)
-                self.pins[req_id] = pins
+            old = self.pins.pop(req_id, None)
+        if old:
+            self.engine.unpin(old)
+        hit = self.engine.lookup_and_pin(keys[:max_chunks], skip) if max_chunks > 0 else 0
+        if hit > skip:
+            with self.lock:
+                old = self.pins.pop(req_id, None)
+                self.pins[req_id] = keys[skip:hit]
+            if old:
+                self.engine.unpin(old)
         return hit
 
     def release(self, req_id: str) -> None:
+        """Drop the request's pins (its hit was declined, or its load ran)."""
         with self.lock:
-            self._unpin(req_id)
-
-    def forget(self, req_id: str) -> None:
-        with self.lock:
-            self._unpin(req_id)
-            self.keys.pop(req_id, None)
-
-    def _unpin(self, req_id: str) -> None:
-        pins = self.pins.pop(req_id, None)
+            pins = self.pins.pop(req_id, None)
         if pins:
             self.engine.unpin(pins)
+
+    def forget(self, req_id: str) -> None:
+        """The request finished: one touch of its chain per tier (slow tiers after its queued
+        writes), then drop its keys and pins."""
+        with self.lock:
+            keys = self.keys.pop(req_id, None)
+        self.release(req_id)
+        if not keys:
+            return
+        self.engine.touch(keys, self.fast)
+        if self.writer is not None:
+            self.writer.submit(0, lambda: self.engine.touch(keys, self.slow))
 
     def read(self, req_id: str, first: int, last: int) -> list[torch.Tensor]:
         """Chunks [first, last) of the request, stopping at the first unreadable one (counted as a
         load failure); releases the request's pins."""
         with self.lock:
-            try:
-                keys = self.keys.get(req_id)
-                if keys is None or len(keys) < last:
-                    self.engine.stats.load_failures += 1
-                    return []
-                return self.engine.retrieve_keyed(keys[:last], first)
-            finally:
-                self._unpin(req_id)
+            keys = self.keys.get(req_id)
+        try:
+            if keys is None or len(keys) < last:
+                self.engine.count(load_failures=1)
+                return []
+            chunks = self.engine.retrieve_keyed(keys[:last], first, touch_tiers=self.fast)
+            if self.writer is not None:     # the slow tiers' touch waits behind their writes
+                chain = keys[:first + len(chunks)]
+                self.writer.submit(0, lambda: self.engine.touch(chain, self.slow))
+            return chunks
+        finally:
+            self.release(req_id)
 
     def missing(self, req_id: str, first: int, last: int) -> tuple[list[bytes], list[int]]:
         """(the request's keys, indices in [first, last) of chunks no tier holds)."""
         with self.lock:
             keys = self.keys.get(req_id)
-            if keys is None:
-                return [], []
-            contains = self.engine.store_.contains
-            return keys, [i for i in range(first, min(last, len(keys))) if not contains(keys[i])]
+        if keys is None:
+            return [], []
+        contains = self.engine.store_.contains
+        return keys, [i for i in range(first, min(last, len(keys))) if not contains(keys[i])]
 
     def write(self, keys: list[bytes], index: int, chunk: torch.Tensor) -> None:
-        """Store a fresh chunk tensor: memory tiers now, slow tiers behind the step."""
+        """Store a fresh chunk tensor as chunk `index` of the chain `keys`: memory tiers now, slow
+        tiers behind the step if the write-behind budget has room (else skipped, counted)."""
         if self.fast:
-            with self.lock:
-                self.engine.store_keyed(keys, [chunk], index, tiers=self.fast)
-        if self._queue is not None:
-            self._queue.put((keys[:index + 1], index, chunk))
-
-    def _write_behind(self) -> None:
-        q = self._queue
-        while True:
-            item = q.get()
-            try:
-                if item is None:
-                    return
-                keys, index, chunk = item
-                with self.lock:
-                    self.engine.store_keyed(keys, [chunk], index, tiers=self.slow)
-                    self.deltas.refresh_gauges()
-            except Exception:  # a failed slow write is a future miss, never a crash
-                log.exception("lmcache_lab: write-behind of a chunk failed; it will be a miss")
-                with self.lock:
-                    self.store_failures += 1
-            finally:
-                q.task_done()
+            self.engine.store_keyed(keys, [chunk], index, tiers=self.fast, touch=False)
+        if self.writer is not None:
+            chain = keys[:index + 1]
+            self.writer.submit(payload_nbytes(chunk), lambda: self.engine.store_keyed(
+                chain, [chunk], index, tiers=self.slow, touch=False))
 
     def flush(self) -> None:
-        """Wait until every chunk handed to `write` is in every tier."""
-        if self._queue is not None:
-            self._queue.join()
+        """Wait until every chunk handed to `write` is in every slow tier (or skipped)."""
+        if self.writer is not None:
+            self.writer.flush()
 
     def take_delta(self):
         with self.lock:
-            return self.deltas.take(self.engine, self.store_failures)
+            counters = dict(self.counters)
+        gauges = {"pinned_chunks": self.engine.store_.pinned()}
+        if self.writer is not None:
+            ws = self.writer.stats
+            counters["write_behind_skipped_chunks"] = ws.skipped
+            counters["store_failures"] += ws.failed
+            gauges["write_behind_pending_bytes"] = ws.pending_bytes
+            gauges["write_behind_peak_bytes"] = ws.peak_bytes
+        return self.deltas.take(self.engine, counters, gauges)
 
     # ---- lookup server ----------------------------------------------------------------------------
     def serve(self, path: str, authkey: bytes) -> None:
@@ -192,14 +210,18 @@ class WorkerCache:
                     h = json.loads(head)
                     if h["op"] == "lookup":
                         tokens = np.frombuffer(body, dtype="<u4")
+                        identity = tuple((str(t), str(v)) for t, v in h.get("id", ()))
                         reply = {"hit": self.lookup(str(h["req"]), tokens, int(h["max"]),
-                                                    int(h["skip"]))}
+                                                    int(h["skip"]), identity)}
                     else:
                         raise ValueError(f"unknown op {h['op']!r}")
                 except Exception as e:  # answered as an error: the scheduler counts a miss
                     log.exception("lmcache_lab: lookup failed")
                     reply = {"error": str(e)}
-                conn.send_bytes(json.dumps(reply).encode())
+                try:
+                    conn.send_bytes(json.dumps(reply).encode())
+                except OSError:
+                    return  # the scheduler gave up on this lookup (timeout) and hung up
 
     def close(self) -> None:
         if self._listener is not None:
@@ -210,20 +232,21 @@ class WorkerCache:
                 os.unlink(address)
             except OSError:
                 pass
-        if self._writer is not None:
-            self.flush()
-            self._queue.put(None)
-            self._writer.join(timeout=60)
-            self._writer = None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
 class LookupClient:
     """Scheduler side of the lookup channel, one connection per worker rank. A rank that cannot
-    be reached answers 0 (a miss) and the failure is counted in `errors`."""
+    be reached, or does not answer within `timeout_s` (a worker stalled by slow I/O), answers 0
+    (a miss); the failure is counted in `errors` and the connection is dropped, so a late reply
+    is never read as the answer to a later lookup."""
 
-    def __init__(self, paths: Sequence[str], authkey: bytes, connect_timeout_s: float = 30.0):
+    def __init__(self, paths: Sequence[str], authkey: bytes, connect_timeout_s: float = 30.0,
+                 timeout_s: float = 2.0):
         self.paths, self.authkey = list(paths), authkey
-        self.connect_timeout_s = connect_timeout_s
+        self.connect_timeout_s, self.timeout_s = connect_timeout_s, timeout_s
         self._conns: list = [None] * len(self.paths)
         self.errors = 0
 
@@ -240,20 +263,28 @@ class LookupClient:
                     time.sleep(0.05)
         return self._conns[i]
 
-    def lookup(self, req_id: str, prompt: Sequence[int], max_chunks: int, skip: int) -> int:
+    def lookup(self, req_id: str, prompt: Sequence[int], max_chunks: int, skip: int,
+               identity: Identity = ()) -> int:
         """Cached prefix in chunks, the minimum over ranks (each rank holds its own shard)."""
         tokens = np.asarray(prompt, dtype="<u4").tobytes()
-        msg = json.dumps({"op": "lookup", "req": req_id, "max": max_chunks,
-                          "skip": skip}).encode() + b"\0" + tokens
+        msg = json.dumps({"op": "lookup", "req": req_id, "max": max_chunks, "skip": skip,
+                          "id": [list(p) for p in identity]}).encode() + b"\0" + tokens
         hit = None
         for i in range(len(self.paths)):
             try:
                 conn = self._conn(i)
                 conn.send_bytes(msg)
+                if not conn.poll(self.timeout_s):
+                    raise TimeoutError(f"no answer within lookup_timeout_s={self.timeout_s}")
                 reply = json.loads(conn.recv_bytes())
                 if "error" in reply:
                     raise RuntimeError(reply["error"])
                 n = int(reply["hit"])
+            except TimeoutError as e:
+                log.warning("lmcache_lab: lookup on rank %d: %s; counted as a miss", i, e)
+                self.errors += 1
+                self._drop(i)
+                n = 0
             except Exception:
                 log.exception("lmcache_lab: lookup on rank %d failed; counted as a miss", i)
                 self.errors += 1

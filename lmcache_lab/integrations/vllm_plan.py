@@ -14,16 +14,26 @@ Invariants:
     evict them before the worker has loaded them;
   * pins belong to the request inside the cache (worker side); they are dropped after its load,
     when it is looked up again, when the scheduler declines the hit, or when it finishes;
+  * a load covers exactly the tokens vLLM counts as external: [num_computed, num_computed +
+    num_external), where num_computed is what vLLM passed to `get_num_new_matched_tokens` and
+    num_external what it accepted in `update_state_after_alloc` (vLLM may trim the hit from the
+    end, e.g. to a block boundary; it never moves the start);
+  * no hook raises on a cache condition (they run in vLLM's scheduler process): a load that
+    cannot be planned is sent as `LoadSpec.failed`, whose blocks the worker reports invalid so
+    vLLM recomputes them, and a store that cannot be planned is skipped (both logged, counted);
   * each full prompt chunk is planned for storing once, in the step that completes it (chunked
     prefill completes a long prompt's chunks over several steps);
   * slot mappings are built with numpy, never with a Python loop over tokens.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 def slot_mapping(block_ids: np.ndarray, block_size: int, start: int, end: int) -> np.ndarray:
@@ -43,11 +53,14 @@ def loadable_chunks(prompt_len: int, chunk_size: int) -> int:
 @dataclass
 class LoadSpec:
     """Load the request's cached chunks covering tokens [start, end) into `slots`; then release
-    the request's pins."""
+    the request's pins. `failed`: the load could not be planned; the worker loads nothing and
+    reports `blocks` (those of [start, end) the request has) invalid, so vLLM recomputes them."""
     req_id: str
     start: int
     end: int
     slots: np.ndarray       # int64 [end - start]
+    failed: bool = False
+    blocks: np.ndarray | None = None
 
 
 @dataclass
@@ -73,6 +86,7 @@ class RequestTracker:
     prompt_len: int
     num_chunks: int                   # full prompt chunks
     hit_chunks: int = 0               # leading chunks the lookup found (and the worker pinned)
+    matched_from: int = 0             # num_computed vLLM passed with the lookup: loads start here
     load: tuple[int, int] | None = None                 # token range to load, once allocated
     block_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     stored_chunks: int = 0            # chunks [0, stored_chunks) are present or planned
@@ -83,9 +97,10 @@ class RequestTracker:
         return self.stored_chunks >= self.num_chunks and self.load is None
 
 
-Lookup = Callable[[str, Sequence[int], int, int], int]
-"""lookup(req_id, prompt, max_chunks, skip_chunks) -> chunks present among the first max_chunks;
-the cache pins those beyond skip_chunks for this request, in the same critical section."""
+Lookup = Callable[[str, Sequence[int], int, int, Sequence[tuple[str, str]]], int]
+"""lookup(req_id, prompt, max_chunks, skip_chunks, identity) -> chunks present among the first
+max_chunks, keyed under the request's identity; the cache pins those beyond skip_chunks for this
+request before counting them."""
 
 
 class Planner:
@@ -101,36 +116,43 @@ class Planner:
         self.requests: dict[str, RequestTracker] = {}
         self._release: list[str] = []
         self._finished: list[str] = []
+        self.errors = 0                   # plans that failed (logged; recomputed or not stored)
 
     # ---- lookup (get_num_new_matched_tokens) ----------------------------------------------------
-    def match(self, req_id: str, prompt: Sequence[int], num_computed: int) -> tuple[int, int]:
+    def match(self, req_id: str, prompt: Sequence[int], num_computed: int,
+              identity: Sequence[tuple[str, str]] = ()) -> tuple[int, int]:
         """Returns (tokens to load beyond `num_computed`, hit tokens)."""
         cs = self.chunk_size
         t = self.requests.get(req_id)
         if t is None:
             t = self.requests[req_id] = RequestTracker(req_id, len(prompt), len(prompt) // cs)
         t.load = None
+        t.matched_from = num_computed
         wanted = loadable_chunks(t.prompt_len, cs) if self.load_enabled else 0
         # Always ask (also with nothing to load): the cache keys the prompt for later stores.
-        t.hit_chunks = self._lookup(req_id, prompt, wanted, num_computed // cs)
+        t.hit_chunks = self._lookup(req_id, prompt, wanted, num_computed // cs, identity)
         hit_tokens = t.hit_chunks * cs
         return max(0, hit_tokens - num_computed), hit_tokens
 
     # ---- allocation (update_state_after_alloc) --------------------------------------------------
     def allocated(self, req_id: str, num_external: int) -> None:
-        """The scheduler accepted `num_external` tokens to load, ending at the hit."""
+        """The scheduler accepted `num_external` tokens to load, starting where the lookup's
+        `num_computed` ended (vLLM's definition; it may have trimmed the hit's end)."""
         t = self.requests.get(req_id)
         if t is None:
             return
         if num_external <= 0:
-            if t.hit_chunks:
-                self._release.append(req_id)
+            # also without a hit: a lookup answered after its timeout may still have pinned
+            self._release.append(req_id)
             return
-        end = t.hit_chunks * self.chunk_size
-        start = end - num_external
-        if start < 0:
-            raise ValueError(f"request {req_id}: load of {num_external} tokens exceeds the hit "
-                             f"of {end} tokens")
+        start = t.matched_from
+        end = start + num_external
+        if end > t.hit_chunks * self.chunk_size:
+            # never asked for by this planner; loaded as far as the cache has it, the rest fails
+            # to load and is recomputed (the worker reports its blocks invalid)
+            self.errors += 1
+            log.error("lmcache_lab: request %s: vLLM accepted %d external tokens from %d, beyond "
+                      "the hit of %d", req_id, num_external, start, t.hit_chunks * self.chunk_size)
         t.load = (start, end)
 
     # ---- per step (build_connector_meta) --------------------------------------------------------
@@ -146,7 +168,7 @@ class Planner:
             if t is None:
                 continue
             t.block_ids = np.asarray(block_ids, dtype=np.int64)
-            self._plan(t, num_computed, num_scheduled.get(req_id, 0), plan)
+            self._plan_safely(t, num_computed, num_scheduled.get(req_id, 0), plan)
         for req_id, new_blocks, resumed, num_computed in cached_reqs:
             t = self.requests.get(req_id)
             if t is None:
@@ -157,8 +179,28 @@ class Planner:
                 t.block_ids = np.concatenate([t.block_ids, np.asarray(new_blocks, dtype=np.int64)])
             if t.done and num_computed >= t.stored_chunks * self.chunk_size:
                 continue                      # decoding: nothing left to plan (the common case)
-            self._plan(t, num_computed, num_scheduled.get(req_id, 0), plan)
+            self._plan_safely(t, num_computed, num_scheduled.get(req_id, 0), plan)
         return plan
+
+    def _plan_safely(self, t: RequestTracker, num_computed: int, scheduled: int, plan: StepPlan) -> None:
+        """`_plan`, but a request whose plan fails (a bug, or an engine change) costs a recompute
+        of its pending load and no stores this step; never an exception in the scheduler."""
+        load = t.load
+        n_loads, n_stores = len(plan.loads), len(plan.stores)
+        try:
+            self._plan(t, num_computed, scheduled, plan)
+        except Exception:
+            self.errors += 1
+            log.exception("lmcache_lab: planning request %s failed; its load is recomputed and "
+                          "this step stores nothing of it", t.req_id)
+            del plan.loads[n_loads:], plan.stores[n_stores:]
+            t.load = None
+            if load is not None:
+                start, end = load
+                bs = self.block_size
+                blocks = t.block_ids[start // bs:-(-end // bs)]
+                plan.loads.append(LoadSpec(t.req_id, start, end, np.zeros(0, dtype=np.int64),
+                                           failed=True, blocks=blocks))
 
     def _plan(self, t: RequestTracker, num_computed: int, scheduled: int, plan: StepPlan) -> None:
         cs = self.chunk_size

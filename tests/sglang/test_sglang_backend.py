@@ -141,7 +141,9 @@ def test_namespace_separates_what_changes_kv(make_backend, tmp_path):
         return make_backend({"tiers": {"cpu": {"capacity_bytes": 0}, "disk": {"path": str(tmp_path)}}},
                             pool=pool_, **kw)
 
-    assert backend(tp_rank=0, tp_size=2).batch_set_v1(keys, page_indices(0, 1, PAGE)) == [True]
+    writer = backend(tp_rank=0, tp_size=2)
+    assert writer.batch_set_v1(keys, page_indices(0, 1, PAGE)) == [True]
+    writer.flush()                                                   # disk is written behind
     assert backend(tp_rank=0, tp_size=2).batch_exists(keys) == 1           # same everything
     assert backend(tp_rank=1, tp_size=2).batch_exists(keys) == 0           # MHA: per rank
     assert backend(tp_rank=0, tp_size=1).batch_exists(keys) == 0
@@ -156,7 +158,9 @@ def test_namespace_separates_what_changes_kv(make_backend, tmp_path):
     assert m1.batch_set_v1(mla_keys, page_indices(0, 1, PAGE)) == [True]
     assert m1.stats()["backend"]["skipped_writes"] == 1
     assert backend(tp_rank=0, tp_size=2, mla=True).batch_exists(mla_keys) == 0
-    assert backend(tp_rank=0, tp_size=2, mla=True).batch_set_v1(mla_keys, page_indices(0, 1, PAGE)) == [True]
+    m0 = backend(tp_rank=0, tp_size=2, mla=True)
+    assert m0.batch_set_v1(mla_keys, page_indices(0, 1, PAGE)) == [True]
+    m0.flush()
     assert backend(tp_rank=1, tp_size=2, mla=True).batch_exists(mla_keys) == 1
 
 
@@ -189,6 +193,7 @@ def test_corrupted_disk_values_are_misses(make_backend, tmp_path):
     backend = make_backend(cfg, pool=src)
     keys = page_hashes(list(range(3 * PAGE)))
     assert backend.batch_set_v1(keys, page_indices(0, 3, PAGE)) == [True] * 3
+    backend.flush()                                              # slow tiers are written behind
     files = sorted(tmp_path.glob("*/*.kvc"))
     assert len(files) == 3
     damaged = None
@@ -278,6 +283,7 @@ def test_clear_empties_every_tier(make_backend, tmp_path):
     backend = make_backend(cfg, pool=src)
     keys = page_hashes(list(range(2 * PAGE)))
     assert backend.batch_set_v1(keys, page_indices(0, 2, PAGE)) == [True, True]
+    backend.flush()                                              # slow tiers are written behind
     assert len(list(tmp_path.glob("*/*.kvc"))) == 2
     assert backend.clear() is True
     assert backend.batch_exists(keys) == 0 and not list(tmp_path.glob("*/*.kvc"))

@@ -26,6 +26,7 @@ def test_two_instances_share_pages_through_redis(make_backend, redis_server):
     keys = page_hashes(list(range(6 * PAGE)))
     assert b.batch_exists(keys) == 0
     assert a.batch_set_v1(keys[:4], page_indices(0, 4, PAGE)) == [True] * 4
+    a.flush()                                              # slow tiers are written behind
     assert b.batch_exists(keys) == 4
     assert b.batch_get_v1(keys, page_indices(10, 6, PAGE)) == [True] * 4 + [False] * 2
     for i in range(4):
@@ -45,6 +46,7 @@ def test_corrupted_and_foreign_redis_values_are_misses(make_backend, redis_serve
     a = make_backend(cfg, pool=src)
     keys = page_hashes(list(range(4 * PAGE)))
     assert a.batch_set_v1(keys, page_indices(0, 4, PAGE)) == [True] * 4
+    a.flush()                                              # slow tiers are written behind
     tier = a.engine.tiers[0]
     client = redis.Redis.from_url(redis_server.url)
     rkeys = [tier.redis_key(a.tier_key(k)) for k in keys]
@@ -64,6 +66,7 @@ def test_corrupted_and_foreign_redis_values_are_misses(make_backend, redis_serve
     assert b.metrics.value("lmcache_lab_load_failures_total") == 2
     # rewriting heals the chain
     assert a.batch_set_v1(keys[1:2], page_indices(1, 1, PAGE)) == [True]
+    a.flush()                                              # slow tiers are written behind
     assert b.batch_get_v1(keys[:2], page_indices(8, 2, PAGE)) == [True, True]
     assert torch.equal(dst.get_data_page(9 * PAGE), src.get_data_page(PAGE))
 
@@ -77,6 +80,7 @@ def test_a_hung_redis_times_out_into_misses(make_backend, redis_server):
     a = make_backend(cfg, pool=src)
     keys = page_hashes(list(range(2 * PAGE)))
     assert a.batch_set_v1(keys, page_indices(0, 2, PAGE)) == [True, True]
+    a.flush()                                              # slow tiers are written behind
     redis_server.pause()                                      # accepts connections, never answers
     try:
         dst = HostPool(2, 64, 2, 8, PAGE)                     # same geometry: same namespace
