@@ -35,14 +35,15 @@ spec = {
                               # one Redis command, from a thread of its own when background; the
                               # result ({reply, start, end}) is filled when it returns
     {"op": "abort_before_load", "blocker": [ids...], "blocker_max_tokens": 64,
-     "victim": [ids...], "steps": 3}
+     "victim": [ids...], "steps": 3, "port": null}
                               # in-process engines only (VLLM_ENABLE_V1_MULTIPROCESSING=0): run
                               # `blocker`; add `victim` when the KV cache cannot take it, step
                               # `steps` times (the scheduler looks the victim up, asks the
                               # connector, fails to allocate), abort it, run the blocker to the
                               # end. Records what the scheduler asked the connector about the
                               # victim (matched / allocated external tokens), its status at the
-                              # abort and the blocker's tokens.
+                              # abort, the blocker's tokens, and with `port` the metrics scraped
+                              # just before the abort.
   ]}
 result = {"results": [one entry per op], "startup_s": float,
           "kv_cache": {"block_size": int, "num_blocks": int}}      # the engine's paged KV cache
@@ -177,14 +178,15 @@ def abort_before_load(llm, op: dict, params_of) -> dict:
             outputs += engine.step()
         victim = next(r for rid, r in sched.requests.items() if rid.startswith("victim"))
         status, computed = victim.status.name, victim.num_computed_tokens
+        before = scrape(op["port"]) if op.get("port") else None
         engine.abort_request(["victim"])
         while engine.has_unfinished_requests():
             outputs += engine.step()
     finally:
-        conn.get_num_new_matched_tokens, conn.update_state_after_alloc = lookup, after_alloc
+        del conn.get_num_new_matched_tokens, conn.update_state_after_alloc   # the class's again
     blocker = [o for o in outputs if o.request_id.startswith("blocker") and o.finished]
     return {"victim_matched": matched, "victim_allocated": allocated, "victim_status": status,
-            "victim_computed_tokens": computed,
+            "victim_computed_tokens": computed, "metrics_before_abort": before,
             "victim_outputs": sum(o.request_id.startswith("victim") for o in outputs),
             "blocker_tokens": list(blocker[0].outputs[0].token_ids) if blocker else None}
 
