@@ -426,8 +426,8 @@ def test_shared_disk_directory_stays_within_its_budget(engines):
     assert per_writer > budget                       # each writer alone overflows the budget
     used = engines.disk_bytes["writers"]
     assert 0 < used <= budget, (f"two engines sharing the disk directory left {used} bytes of "
-                                f"chunk files, over its budget of {budget}: each process keeps "
-                                "its own account of the directory")
+                                f"chunk files, over its budget of {budget}: the budget must hold "
+                                "for all the processes writing the directory together")
 
 
 def test_later_engine_loads_what_the_concurrent_writers_stored(engines):
