@@ -4,7 +4,10 @@
     scatter(chunk, kv_caches, layout, slot_mapping)      # in place; slots of -1 skipped
 
 `slot_mapping` is int64 `[N]` on the caches' device, `slot = block * block_size + offset`, -1 for
-padding. `chunk[0]` holds K and `chunk[1]` holds V, `[layer, token, head * head_size + dim]`.
+padding. `chunk[0]` holds K and `chunk[1]` holds V, `[layer, token, head * head_size + dim]`; a
+K-only layout (MLA latent, `layout.v is None`) gathers `[1, L, N, D]`. Layer tensors may be
+strided views of one buffer (vLLM's block-outermost layouts): every backend addresses them
+through the layout's strides and each layer's own data pointer.
 
 Backends (keyword `backend`):
   * "triton": one launch for all layers (compiled on CUDA, the interpreter on CPU when
@@ -28,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import KVLayout, validate_caches
+from .layout import AxisStrides, KVLayout, validate_caches
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -69,7 +72,8 @@ def _check_chunk(chunk, layout: KVLayout, n: int, dtype: torch.dtype, device: to
         raise TypeError(f"chunk: expected a tensor, got {type(chunk).__name__}")
     want = layout.chunk_shape(n)
     if tuple(chunk.shape) != want:
-        raise ValueError(f"chunk: shape {list(chunk.shape)}, expected [2, L, N, H*D] = {list(want)}")
+        raise ValueError(f"chunk: shape {list(chunk.shape)}, expected "
+                         f"[{layout.num_kv}, L, N, H*D] = {list(want)}")
     if chunk.dtype != dtype:
         raise TypeError(f"chunk: dtype {chunk.dtype} differs from the caches' {dtype}")
     if chunk.device != device:
@@ -93,7 +97,8 @@ def _pick_backend(backend: str, device: torch.device) -> str:
 def gather(kv_caches, layout: KVLayout, slot_mapping: torch.Tensor, *,
            out: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """Copy K and V of the tokens at `slot_mapping` from every layer into one contiguous chunk
-    `[2, L, N, H*D]` (rows of padding slots are zero). `out`, if given, is filled and returned."""
+    `[2, L, N, H*D]` (`[1, ...]` for a K-only layout; rows of padding slots are zero). `out`, if
+    given, is filled and returned."""
     pairs = validate_caches(kv_caches, layout)
     ref = pairs[0][0]
     host = _check_slots(slot_mapping, layout, ref.device, distinct=False)
@@ -114,7 +119,7 @@ def gather(kv_caches, layout: KVLayout, slot_mapping: torch.Tensor, *,
 
 def scatter(chunk: torch.Tensor, kv_caches, layout: KVLayout, slot_mapping: torch.Tensor, *,
             backend: str = "auto") -> None:
-    """Write `chunk` `[2, L, N, H*D]` into every layer's cache at `slot_mapping`, in place;
+    """Write `chunk` `layout.chunk_shape(N)` into every layer's cache at `slot_mapping`, in place;
     tokens whose slot is -1 are skipped. Slots other than -1 must be distinct."""
     pairs = validate_caches(kv_caches, layout)
     ref = pairs[0][0]
@@ -131,34 +136,45 @@ def scatter(chunk: torch.Tensor, kv_caches, layout: KVLayout, slot_mapping: torc
 
 
 # =================================================================================== reference
-def _flat_index(layout: KVLayout, which: str, slots: torch.Tensor) -> torch.Tensor:
-    """int64 [N, H*D]: element offset inside one layer tensor of each (token, head, dim)."""
-    ax = layout.k if which == "k" else layout.v
+def _flat_index(layout: KVLayout, kv: int, slots: torch.Tensor) -> torch.Tensor:
+    """int64 [N, H*D]: element offset from each layer tensor's first element of each
+    (token, head, dim) of K (kv=0) or V (kv=1), tiles included."""
+    ax = layout.kv_axes[kv]
     blk, off = slots // layout.block_size, slots % layout.block_size            # [N], [N]
     col = torch.arange(layout.hidden, device=slots.device)                        # [H*D]
     head, dim = col // layout.head_size, col % layout.head_size                   # [H*D], [H*D]
-    row = ax.base + blk * ax.block + off * ax.offset                              # [N]
-    return row[:, None] + (head * ax.head + dim * ax.dim)[None, :]                # [N, H*D]
+    row = (ax.base + blk * ax.block + off // ax.offset_tile * ax.offset
+           + off % ax.offset_tile * ax.offset_inner)                              # [N]
+    colo = (head * ax.head + dim // ax.dim_tile * ax.dim
+            + dim % ax.dim_tile * ax.dim_inner)                                   # [H*D]
+    return row[:, None] + colo[None, :]                                           # [N, H*D]
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """1-D view of the memory a layer tensor spans (contiguous or strided: a view of the same
+    storage from its first element), so that `_flat_index` offsets address it."""
+    extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    return t.as_strided((extent,), (1,), t.storage_offset())
 
 
 def gather_reference(pairs, layout: KVLayout, slots: torch.Tensor, out: torch.Tensor) -> None:
     """out[kv, l, n, h*D+d] = layer_l[addr_kv(slot_n, h, d)], zero where slot_n == -1."""
     valid = slots >= 0                                                            # [N]
     safe = torch.where(valid, slots, torch.zeros_like(slots))                     # [N]
-    for kv, which in enumerate(("k", "v")):
-        idx = _flat_index(layout, which, safe)                                    # [N, H*D]
+    for kv in range(layout.num_kv):
+        idx = _flat_index(layout, kv, safe)                                       # [N, H*D]
         for layer, pair in enumerate(pairs):
-            vals = pair[kv].reshape(-1)[idx]                                      # [N, H*D]
+            vals = _flat(pair[kv])[idx]                                           # [N, H*D]
             out[kv, layer] = torch.where(valid[:, None], vals, torch.zeros_like(vals))
 
 
 def scatter_reference(pairs, layout: KVLayout, slots: torch.Tensor, chunk: torch.Tensor) -> None:
     """layer_l[addr_kv(slot_n, h, d)] = chunk[kv, l, n, h*D+d] for every slot_n != -1."""
     valid = slots >= 0                                                            # [N]
-    for kv, which in enumerate(("k", "v")):
-        idx = _flat_index(layout, which, slots[valid])                            # [M, H*D]
+    for kv in range(layout.num_kv):
+        idx = _flat_index(layout, kv, slots[valid])                               # [M, H*D]
         for layer, pair in enumerate(pairs):
-            pair[kv].view(-1)[idx] = chunk[kv, layer][valid]                      # [M, H*D]
+            _flat(pair[kv])[idx] = chunk[kv, layer][valid]                        # [M, H*D]
 
 
 # =================================================================================== torch path
@@ -167,24 +183,27 @@ def scatter_reference(pairs, layout: KVLayout, slots: torch.Tensor, chunk: torch
 # index_select / index_copy_ per group. vLLM CPU K is transposed inside each block, so every copy
 # is an element transpose; there the slot mapping is split into runs of consecutive slots inside
 # one block (a chunk of whole blocks has one run per block) and each run is one strided copy,
-# falling back to advanced indexing when the slots are scattered.
+# falling back to advanced indexing when the slots are scattered. Tiled layouts (vLLM CPU with
+# AMX) are viewed with their tiles as axes of their own and always copied by advanced indexing.
 _MAX_RUN_FRACTION = 8      # use runs when there are at most N / 8 of them (and at most 64)
 
 
 class _Group(NamedTuple):
     layers: slice              # which layers this view covers
     view: torch.Tensor         # [Lg, num_slots, H, D] if flat else [Lg, num_blocks, block_size, H, D]
+                               # ([Lg, B, bs/ot, ot, H, D/dt, dt] if tiled)
     flat: bool                 # one stride walks the slots
     rows: torch.Tensor | None  # flat with contiguous H*D: [R, H*D], row of (layer i, slot s) is
     layer_rows: int            #   i * layer_rows + s (one index op covers every layer)
+    tiled: AxisStrides | None = None   # the tiled axis strides, when the view has tile axes
 
 
 def _groups(pairs, layout: KVLayout, kv: int) -> list[_Group]:
     """Strided views of K (or V). All layers form one group when their tensors are evenly spaced
     in one storage (vLLM's shared buffer, a stacked tensor); otherwise one group per layer."""
-    ax = layout.k if kv == 0 else layout.v
+    ax = layout.kv_axes[kv]
     b, bs, h, d = layout.num_blocks, layout.block_size, layout.num_kv_heads, layout.head_size
-    flat = bs == 1 or ax.block == bs * ax.offset
+    flat = not ax.tiled and (bs == 1 or ax.block == bs * ax.offset)
     step = ax.block if bs == 1 else ax.offset
     tensors = [pair[kv] for pair in pairs]
     size, base_ptr = tensors[0].element_size(), tensors[0].data_ptr()
@@ -203,6 +222,13 @@ def _groups(pairs, layout: KVLayout, kv: int) -> list[_Group]:
     for layers, t in chunks:
         lg, offset = layers.stop - layers.start, t.storage_offset() + ax.base
         rows, layer_rows = None, 0
+        if ax.tiled:
+            ot, dt = ax.offset_tile, ax.dim_tile
+            view = t.as_strided((lg, b, bs // ot, ot, h, d // dt, dt),
+                                (gap, ax.block, ax.offset, ax.offset_inner, ax.head, ax.dim,
+                                 ax.dim_inner), offset)
+            out.append(_Group(layers, view, False, None, 0, ax))
+            continue
         if flat:
             view = t.as_strided((lg, b * bs, h, d), (gap, step, ax.head, ax.dim), offset)
             if row_ok:
@@ -278,6 +304,12 @@ class _Plan:
         return self.slots if self.all_valid else self.slots.clamp_min(0)
 
 
+def _tile_index(slots: torch.Tensor, ax: AxisStrides, bs: int):
+    """(block, tile, offset in tile) of each slot: indices into a tiled group's view."""
+    blk, off = slots // bs, slots % bs
+    return blk, off // ax.offset_tile, off % ax.offset_tile
+
+
 def _run_view(view: torch.Tensor, flat: bool, s0: int, length: int, bs: int) -> torch.Tensor:
     """[Lg, length, H, D] view of `length` consecutive slots starting at slot s0."""
     if flat:
@@ -302,9 +334,13 @@ def _gather_torch(pairs, layout: KVLayout, slots: torch.Tensor, out: torch.Tenso
                   host: np.ndarray) -> None:
     n, h, d, bs = slots.numel(), layout.num_kv_heads, layout.head_size, layout.block_size
     plan = _Plan(slots, host, bs)
-    for kv in (0, 1):
+    for kv in range(layout.num_kv):
         for g in _groups(pairs, layout, kv):
             dst = out[kv, g.layers]                                               # [Lg, N, H*D]
+            if g.tiled is not None:                                               # tile axes
+                blk, tile, inner = _tile_index(plan.safe(), g.tiled, bs)          # [N] each
+                dst.copy_(g.view[:, blk, tile, inner].reshape(dst.shape))         # [Lg, N, H*D]
+                continue
             if g.rows is not None:                                                # one op, all layers
                 torch.index_select(g.rows, 0, _row_index(plan.safe(), g),
                                    out=dst.view(-1, layout.hidden))               # [Lg*N, H*D]
@@ -328,9 +364,17 @@ def _scatter_torch(pairs, layout: KVLayout, slots: torch.Tensor, chunk: torch.Te
                    host: np.ndarray) -> None:
     n, h, d, bs = slots.numel(), layout.num_kv_heads, layout.head_size, layout.block_size
     plan = _Plan(slots, host, bs)
-    for kv in (0, 1):
+    for kv in range(layout.num_kv):
         for g in _groups(pairs, layout, kv):
             src = chunk[kv, g.layers]                                             # [Lg, N, H*D]
+            if g.tiled is not None:                                               # tile axes
+                keep, slots_v = plan.compact()
+                if keep is not None:
+                    src = src.index_select(1, keep)                               # [Lg, M, H*D]
+                blk, tile, inner = _tile_index(slots_v, g.tiled, bs)              # [M] each
+                g.view[:, blk, tile, inner] = src.reshape(
+                    src.shape[0], slots_v.numel(), *g.view.shape[4:])             # [Lg, M, H, D/dt, dt]
+                continue
             runs = None if g.rows is not None else plan.runs(g.flat)
             if runs is not None:
                 src = src.view(-1, n, h, d)                                       # [Lg, N, H, D]
@@ -356,10 +400,11 @@ def _scatter_torch(pairs, layout: KVLayout, slots: torch.Tensor, chunk: torch.Te
 def _paged_copy_kernel(
     cache_ptr,       # *T: base pointer, element 0 of layer 0's (K) tensor; every address below is
                      #     an element offset from it
-    layer_base_ptr,  # *i64 [2, L]: offset from cache_ptr of (slot 0, head 0, dim 0) of K/V of layer l
-    strides_ptr,     # *i64 [2, 4]: (block, offset, head, dim) element strides of K and of V
+    layer_base_ptr,  # *i64 [KV, L]: offset from cache_ptr of (slot 0, head 0, dim 0) of K/V of layer l
+    strides_ptr,     # *i64 [KV, 8]: (block, offset, head, dim, offset_tile, offset_inner,
+                     #     dim_tile, dim_inner) element strides of K and of V (KV = 2, or 1: K only)
     slot_ptr,        # *i64 [N]: slot per token, -1 = padding (validated: -1 <= slot < num_slots)
-    chunk_ptr,       # *T [2, L, N, HD] contiguous: the chunk (written by gather, read by scatter)
+    chunk_ptr,       # *T [KV, L, N, HD] contiguous: the chunk (written by gather, read by scatter)
     N,               # number of tokens
     L,               # number of layers
     HD,              # H * D, elements of K (or V) per token per layer
@@ -368,8 +413,9 @@ def _paged_copy_kernel(
     BLOCK_T: tl.constexpr,     # tokens per program (power of two)
     BLOCK_C: tl.constexpr,     # H*D columns per program (power of two)
     TO_CACHE: tl.constexpr,    # False: gather (cache -> chunk), True: scatter (chunk -> cache)
+    TILED: tl.constexpr,       # some axis is tiled (vLLM CPU AMX): read the tile strides too
 ):
-    """Grid (cdiv(N, BLOCK_T), 2 * L, cdiv(HD, BLOCK_C)); program (t, kv * L + l, c) copies a
+    """Grid (cdiv(N, BLOCK_T), KV * L, cdiv(HD, BLOCK_C)); program (t, kv * L + l, c) copies a
     [BLOCK_T, BLOCK_C] tile of K (kv=0) or V (kv=1) of layer l. Padding rows: gather writes zeros,
     scatter skips them. All index math is int64 before multiplying by strides."""
     pid_t = tl.program_id(0)
@@ -385,14 +431,26 @@ def _paged_copy_kernel(
     slot = tl.load(slot_ptr + tok, mask=tok_in, other=-1)                        # [BLOCK_T] i64
     valid = tok_in & (slot >= 0)
     slot = tl.where(valid, slot, 0)
-    s_block = tl.load(strides_ptr + kv * 4 + 0)
-    s_off = tl.load(strides_ptr + kv * 4 + 1)
-    s_head = tl.load(strides_ptr + kv * 4 + 2)
-    s_dim = tl.load(strides_ptr + kv * 4 + 3)
+    s_block = tl.load(strides_ptr + kv * 8 + 0)
+    s_off = tl.load(strides_ptr + kv * 8 + 1)
+    s_head = tl.load(strides_ptr + kv * 8 + 2)
+    s_dim = tl.load(strides_ptr + kv * 8 + 3)
     base = tl.load(layer_base_ptr + pid_kl)
 
-    row = base + (slot // BLOCK_SIZE) * s_block + (slot % BLOCK_SIZE) * s_off    # [BLOCK_T]
-    colo = (col // HEAD_SIZE) * s_head + (col % HEAD_SIZE) * s_dim               # [BLOCK_C]
+    off = slot % BLOCK_SIZE                                                      # [BLOCK_T]
+    dim = col % HEAD_SIZE                                                        # [BLOCK_C]
+    if TILED:
+        t_off = tl.load(strides_ptr + kv * 8 + 4)
+        s_off_in = tl.load(strides_ptr + kv * 8 + 5)
+        t_dim = tl.load(strides_ptr + kv * 8 + 6)
+        s_dim_in = tl.load(strides_ptr + kv * 8 + 7)
+        off_term = (off // t_off) * s_off + (off % t_off) * s_off_in             # [BLOCK_T]
+        dim_term = (dim // t_dim) * s_dim + (dim % t_dim) * s_dim_in             # [BLOCK_C]
+    else:
+        off_term = off * s_off
+        dim_term = dim * s_dim
+    row = base + (slot // BLOCK_SIZE) * s_block + off_term                       # [BLOCK_T]
+    colo = (col // HEAD_SIZE) * s_head + dim_term                                # [BLOCK_C]
     cache_off = row[:, None] + colo[None, :]                                     # [BLOCK_T, BLOCK_C]
     chunk_off = (pid_kl.to(tl.int64) * N + tok)[:, None] * HD + col[None, :]     # [BLOCK_T, BLOCK_C]
     if TO_CACHE:
@@ -407,7 +465,7 @@ _TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _tables(pairs, layout: KVLayout) -> tuple[torch.Tensor, torch.Tensor]:
-    """(layer_base [2, L] i64, strides [2, 4] i64) on the caches' device, cached per set of
+    """(layer_base [KV, L] i64, strides [KV, 8] i64) on the caches' device, cached per set of
     tensors (engines allocate their caches once)."""
     base = pairs[0][0]
     size = base.element_size()
@@ -417,7 +475,7 @@ def _tables(pairs, layout: KVLayout) -> tuple[torch.Tensor, torch.Tensor]:
     if key in _TABLES:
         return _TABLES[key]
     rows = []
-    for kv, ax in enumerate((layout.k, layout.v)):
+    for kv, ax in enumerate(layout.kv_axes):
         row = []
         for pair in pairs:
             delta = pair[kv].data_ptr() - base.data_ptr()
@@ -425,9 +483,10 @@ def _tables(pairs, layout: KVLayout) -> tuple[torch.Tensor, torch.Tensor]:
                 raise ValueError("kv_caches: layer tensors are not element-aligned with layer 0")
             row.append(delta // size + ax.base)
         rows.append(row)
-    layer_base = torch.tensor(rows, dtype=torch.int64, device=base.device)                # [2, L]
-    strides = torch.tensor([[ax.block, ax.offset, ax.head, ax.dim] for ax in (layout.k, layout.v)],
-                           dtype=torch.int64, device=base.device)                         # [2, 4]
+    layer_base = torch.tensor(rows, dtype=torch.int64, device=base.device)                # [KV, L]
+    strides = torch.tensor([[ax.block, ax.offset, ax.head, ax.dim, ax.offset_tile,
+                             ax.offset_inner, ax.dim_tile, ax.dim_inner]
+                            for ax in layout.kv_axes], dtype=torch.int64, device=base.device)  # [KV, 8]
     if len(_TABLES) > 64:
         _TABLES.clear()
     _TABLES[key] = (layer_base, strides)
@@ -439,11 +498,11 @@ def _launch(pairs, layout: KVLayout, slots: torch.Tensor, chunk: torch.Tensor, t
     layer_base, strides = _tables(pairs, layout)
     block_c = min(triton.next_power_of_2(hd), 1024)
     block_t = max(1, min(triton.next_power_of_2(n), 4096 // block_c))
-    grid = (triton.cdiv(n, block_t), 2 * layout.num_layers, triton.cdiv(hd, block_c))
+    grid = (triton.cdiv(n, block_t), layout.num_kv * layout.num_layers, triton.cdiv(hd, block_c))
     _paged_copy_kernel[grid](
         pairs[0][0], layer_base, strides, slots, chunk, n, layout.num_layers, hd,
         HEAD_SIZE=layout.head_size, BLOCK_SIZE=layout.block_size, BLOCK_T=block_t,
-        BLOCK_C=block_c, TO_CACHE=to_cache, num_warps=4)
+        BLOCK_C=block_c, TO_CACHE=to_cache, TILED=layout.tiled, num_warps=4)
 
 
 def _gather_triton(pairs, layout, slots, out) -> None:

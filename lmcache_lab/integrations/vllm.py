@@ -51,7 +51,7 @@ from lmcache_lab.integrations.vllm_cache import LookupClient, WorkerCache, socke
 from lmcache_lab.integrations.vllm_identity import model_fingerprint, pipeline_rank, request_identity
 from lmcache_lab.integrations.vllm_plan import LoadSpec, Planner, StepPlan, StoreSpec, loadable_chunks
 from lmcache_lab.keys import Namespace
-from lmcache_lab.kernels.layout import KVLayout
+from lmcache_lab.kernels.layout import KVLayout, UnsupportedLayout
 from lmcache_lab.kernels.paged import gather, scatter
 from lmcache_lab.metrics import CacheMetrics, MetricsDelta
 
@@ -67,8 +67,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Attention backend name -> KVLayout constructor (the engine says which; we never assume).
-LAYOUTS = {"CPU_ATTN": "vllm_cpu", "FLASH_ATTN": "vllm_flash"}
+# No table of layouts: `register_kv_caches` derives each engine's from its tensors, attention
+# backend, KV cache spec and resolved KVCacheLayout (`KVLayout.from_vllm`, kernels/layout.py).
+
+
+class _RefusedLookups(WorkerCache):
+    """The lookup server of a worker whose KV cache lmcache_lab refused: every lookup of the
+    scheduler is answered 0 at once (so no request waits for the socket's connect timeout);
+    nothing is keyed, pinned or stored. It is `WorkerCache`'s socket server with no cache engine
+    behind it."""
+
+    def __init__(self, path: str, authkey: bytes):
+        self.engine, self.writer, self._listener = None, None, None
+        self.serve(path, authkey)
+
+    def lookup(self, req_id: str, tokens, max_chunks: int, skip: int, identity=()) -> int:
+        return 0
 
 
 # ================================================================================= metadata
@@ -226,27 +240,100 @@ class LMCacheLabConnector(KVConnectorBase_V1):
 
     # ------------------------------------------------------------------ worker side
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
+        """Derive the KV layout from the engine and start the worker's cache and lookup server.
+
+        The layout comes from what vLLM says (`KVLayout.from_vllm`): the registered tensors
+        (shape, strides, views of one buffer), the layers' attention backend, their KV cache
+        group's spec and the resolved `KVCacheLayout`; never from a table of names. Layers that
+        reuse another layer's cache (cross-layer KV sharing) are kept once.
+
+        A cache lmcache_lab cannot serve (a backend, layout, dtype or packing `from_vllm`
+        refuses, several KV cache groups, an MLA latent cache) is refused here with one warning
+        that names the backend, the layout and the shapes; no exception reaches vLLM and the
+        engine runs on without the connector's hits. The worker still serves its lookup socket
+        (`_RefusedLookups`): the scheduler's lookups are answered 0 at once, never left to time
+        out, and `self._cache` stays None, so loads and stores are no-ops (nothing is stored)."""
         from vllm.distributed import (get_tensor_model_parallel_rank,
                                       get_tensor_model_parallel_world_size)
 
-        names = list(kv_caches)
-        ctx = self._vllm_config.compilation_config.static_forward_context
-        backends = {ctx[n].attn_backend.get_name() for n in names if n in ctx}
-        if len(backends) != 1 or next(iter(backends)) not in LAYOUTS:
-            raise ValueError(f"lmcache_lab: attention backend(s) {sorted(backends)} not supported; "
-                             f"supported: {', '.join(LAYOUTS)}")
-        self._layers = [kv_caches[n] for n in names]
-        self._layout = KVLayout.from_tensors(LAYOUTS[next(iter(backends))], self._layers)
         tp_rank, tp_size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
         pp_rank, pp_size = pipeline_rank(self._vllm_config)
+        path = socket_path(self._endpoint, pp_rank * tp_size + tp_rank)
+        try:
+            self._layers, self._layout = self._derive_layout(kv_caches)
+        except Exception as e:
+            known = isinstance(e, UnsupportedLayout)   # else a surprise: its traceback too
+            reason = str(e) if known else f"{self._describe_caches(kv_caches)}: {e!r}"
+            log.warning("lmcache_lab: the engine runs without lmcache_lab on this worker "
+                        "(lookups answer 0, nothing is stored): %s", reason, exc_info=not known)
+            self._layers, self._layout = [], None
+            self._refused = _RefusedLookups(path, self._authkey)
+            atexit.register(self._refused.close)
+            return
         ns = make_namespace(self._vllm_config, self.config, self._layout, self._layers[0].dtype,
                             tp_rank, tp_size, pp_rank, pp_size)
         self._cache = WorkerCache(CacheEngine(self.config, namespace=ns))
-        self._cache.serve(socket_path(self._endpoint, pp_rank * tp_size + tp_rank), self._authkey)
+        self._cache.serve(path, self._authkey)
         atexit.register(self._cache.close)
         log.info("lmcache_lab: %s layout, %d layers, chunk_size %d, tiers %s, namespace %s",
                  self._layout.name, self._layout.num_layers, self.config.chunk_size,
                  [t.name for t in self._cache.engine.tiers], ns)
+
+    def _describe_caches(self, kv_caches: dict[str, torch.Tensor]) -> str:
+        ctx = self._vllm_config.compilation_config.static_forward_context
+        backends = sorted({b.get_name() if (b := getattr(ctx.get(n), "attn_backend", None))
+                           else "none" for n in kv_caches})
+        shapes = sorted({(tuple(t.shape), tuple(t.stride()), str(t.dtype))
+                         for t in kv_caches.values()})
+        return (f"backends {backends}, layout {self._vllm_config.cache_config.kv_cache_layout}, "
+                f"{len(kv_caches)} layers of (shape, strides, dtype) {shapes}")
+
+    def _derive_layout(self, kv_caches: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor],
+                                                                           KVLayout]:
+        """(one tensor per layer that owns its KV, in vLLM's order; their layout), or
+        UnsupportedLayout naming what cannot be served."""
+        ctx = self._vllm_config.compilation_config.static_forward_context
+        groups = list(getattr(self._kv_cache_config, "kv_cache_groups", None) or [])
+        group_of = {n: i for i, g in enumerate(groups) for n in g.layer_names}
+        unique: dict[tuple, str] = {}      # one name per distinct cache tensor, a grouped one first
+        for n, t in kv_caches.items():
+            key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+            if key not in unique or (unique[key] not in group_of and n in group_of):
+                unique[key] = n
+        names = list(unique.values())
+        layers = [kv_caches[n] for n in names]
+        backends = {getattr(ctx.get(n), "attn_backend", None) for n in names}
+        layout_name = self._vllm_config.cache_config.kv_cache_layout
+        kv_layout = (self._vllm_config.cache_config.get_resolved_kv_cache_layout()
+                     if layout_name is not None else None)
+        where = self._describe_caches(kv_caches)
+        if len(backends) != 1 or None in backends:
+            raise UnsupportedLayout(f"{where}: the layers must share one attention backend")
+        backend = next(iter(backends))
+        used = {group_of.get(n) for n in names}
+        if None in used or len(used) != 1:
+            raise UnsupportedLayout(f"{where}: {len(groups)} KV cache groups (layers in groups "
+                                    f"{sorted(used, key=str)}); one group of alike layers is "
+                                    "served, its block table gives the slots")
+        spec = groups[used.pop()].kv_cache_spec
+        if hasattr(spec, "kv_cache_specs"):            # UniformTypeKVCacheSpecs: per layer
+            specs = {spec.kv_cache_specs[n] for n in names}
+            if len(specs) != 1:
+                raise UnsupportedLayout(f"{where}: the layers' KV cache specs differ")
+            spec = specs.pop()
+        isa = None
+        if backend.get_name() == "CPU_ATTN":
+            isa = getattr(ctx[names[0]], "isa", None)
+            if isa is None:      # set by the metadata builder; else vLLM's own choice
+                from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+                isa = _get_attn_isa(spec.dtype, layers[0].shape[2], spec.head_size,
+                                    self._vllm_config.cache_config.cache_dtype)
+        layout = KVLayout.from_vllm(layers, backend, spec, kv_layout, cpu_isa=isa)
+        if layout.v is None:
+            raise UnsupportedLayout(f"{where}: an MLA latent cache ({layout.name}); its layout "
+                                    "is known (kernels/layout.py) but the connector does not "
+                                    "serve it yet")
+        return layers, layout
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         if self._cache is None:
