@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.abc
 import importlib.machinery
+import importlib.util
 import logging
 import sys
 import time
@@ -53,6 +54,10 @@ try:
 except ImportError:           # the GPU check machine: only the vLLM-free section runs
     HAVE_VLLM = False
 needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="needs the installed vLLM")
+# kernels/gpu_check.sh maps only lmcache_lab.kernels (no connector) into its overlay
+needs_connector = pytest.mark.skipif(
+    not HAVE_VLLM or importlib.util.find_spec("lmcache_lab.integrations") is None,
+    reason="needs the installed vLLM and lmcache_lab's connector")
 
 CPU = torch.device("cpu")
 INT_OF = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
@@ -573,7 +578,7 @@ def _connector(tmp_path, case: Case, monkeypatch):
     return conn, kv
 
 
-@needs_vllm
+@needs_connector
 def test_connector_refuses_once_and_answers_lookups_with_zero(tmp_path, monkeypatch, caplog):
     """A refused cache: one warning naming backend, layout and shapes; no exception; lookups on
     the worker's socket answer 0 at once; loads and stores do nothing."""
@@ -598,7 +603,7 @@ def test_connector_refuses_once_and_answers_lookups_with_zero(tmp_path, monkeypa
     conn._refused.close()
 
 
-@needs_vllm
+@needs_connector
 def test_connector_serves_a_derived_gpu_layout(tmp_path, monkeypatch):
     """An accepted cache (here FlashAttention, block-outermost BLNHC): the connector's layout is
     the derived one and its namespace names backend and layout."""
