@@ -47,7 +47,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from lmcache_lab.config import CacheConfig, load_config
 from lmcache_lab.engine import CacheEngine
-from lmcache_lab.integrations.vllm_cache import LookupClient, WorkerCache, socket_path
+from lmcache_lab.integrations.vllm_cache import (LookupClient, LookupServer, WorkerCache,
+                                                  refuse_lookup, socket_path)
 from lmcache_lab.integrations.vllm_identity import model_fingerprint, pipeline_rank, request_identity
 from lmcache_lab.integrations.vllm_plan import LoadSpec, Planner, StepPlan, StoreSpec, loadable_chunks
 from lmcache_lab.keys import Namespace
@@ -69,20 +70,6 @@ log = logging.getLogger(__name__)
 
 # No table of layouts: `register_kv_caches` derives each engine's from its tensors, attention
 # backend, KV cache spec and resolved KVCacheLayout (`KVLayout.from_vllm`, kernels/layout.py).
-
-
-class _RefusedLookups(WorkerCache):
-    """The lookup server of a worker whose KV cache lmcache_lab refused: every lookup of the
-    scheduler is answered 0 at once (so no request waits for the socket's connect timeout);
-    nothing is keyed, pinned or stored. It is `WorkerCache`'s socket server with no cache engine
-    behind it."""
-
-    def __init__(self, path: str, authkey: bytes):
-        self.engine, self.writer, self._listener = None, None, None
-        self.serve(path, authkey)
-
-    def lookup(self, req_id: str, tokens, max_chunks: int, skip: int, identity=()) -> int:
-        return 0
 
 
 # ================================================================================= metadata
@@ -148,6 +135,7 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         self.store_enabled = kv_role in ("kv_both", "kv_producer")
         # worker side
         self._cache: WorkerCache | None = None
+        self._refused: LookupServer | None = None     # the lookup server of a refused cache
         self._layout: KVLayout | None = None
         self._layers: list[torch.Tensor] = []
         self._invalid_blocks: set[int] = set()
@@ -251,7 +239,7 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         refuses, several KV cache groups, an MLA latent cache) is refused here with one warning
         that names the backend, the layout and the shapes; no exception reaches vLLM and the
         engine runs on without the connector's hits. The worker still serves its lookup socket
-        (`_RefusedLookups`): the scheduler's lookups are answered 0 at once, never left to time
+        (`refuse_lookup`): the scheduler's lookups are answered 0 at once, never left to time
         out, and `self._cache` stays None, so loads and stores are no-ops (nothing is stored)."""
         from vllm.distributed import (get_tensor_model_parallel_rank,
                                       get_tensor_model_parallel_world_size)
@@ -267,7 +255,7 @@ class LMCacheLabConnector(KVConnectorBase_V1):
             log.warning("lmcache_lab: the engine runs without lmcache_lab on this worker "
                         "(lookups answer 0, nothing is stored): %s", reason, exc_info=not known)
             self._layers, self._layout = [], None
-            self._refused = _RefusedLookups(path, self._authkey)
+            self._refused = LookupServer(path, self._authkey, refuse_lookup)
             atexit.register(self._refused.close)
             return
         ns = make_namespace(self._vllm_config, self.config, self._layout, self._layers[0].dtype,
@@ -425,6 +413,8 @@ class LMCacheLabConnector(KVConnectorBase_V1):
     def shutdown(self):
         if self._cache is not None:
             self._cache.close()
+        if self._refused is not None:
+            self._refused.close()
         if self._client is not None:
             self._client.close()
         if self.metrics is not None:

@@ -77,7 +77,7 @@ class WorkerCache:
         self.deltas = DeltaTracker()
         self.counters = {"store_failures": 0, "loaded_tokens": 0, "failed_load_tokens": 0}
         self.writer = WriteBehind(engine.config.write_behind.max_bytes) if self.slow else None
-        self._listener: Listener | None = None
+        self._server: LookupServer | None = None
 
     def count(self, **increments: int) -> None:
         with self.lock:
@@ -177,12 +177,35 @@ class WorkerCache:
             gauges["write_behind_peak_bytes"] = ws.peak_bytes
         return self.deltas.take(self.engine, counters, gauges)
 
-    # ---- lookup server ----------------------------------------------------------------------------
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
     def serve(self, path: str, authkey: bytes) -> None:
-        """Answer `LookupClient`s on a unix socket at `path` (a daemon thread per connection)."""
+        """Answer the scheduler's lookups on a unix socket at `path`."""
+        self._server = LookupServer(path, authkey, self.lookup)
+
+
+def refuse_lookup(req_id: str, tokens: np.ndarray, max_chunks: int, skip: int,
+                  identity: Identity = ()) -> int:
+    """The answer of a worker whose KV cache lmcache_lab refused: nothing is cached, at once."""
+    return 0
+
+
+class LookupServer:
+    """Answers `LookupClient`s on a unix socket with `answer(req_id, tokens, max_chunks, skip,
+    identity)` (a daemon thread per connection). A failing answer is sent back as an error, which
+    the scheduler counts as a miss."""
+
+    def __init__(self, path: str, authkey: bytes, answer):
+        self.answer = answer
         if os.path.exists(path):
             os.unlink(path)
-        self._listener = Listener(path, family="AF_UNIX", authkey=authkey)
+        self._listener: Listener | None = Listener(path, family="AF_UNIX", authkey=authkey)
         threading.Thread(target=self._accept, daemon=True, name="lmcache-lab-lookup").start()
 
     def _accept(self) -> None:
@@ -211,7 +234,7 @@ class WorkerCache:
                     if h["op"] == "lookup":
                         tokens = np.frombuffer(body, dtype="<u4")
                         identity = tuple((str(t), str(v)) for t, v in h.get("id", ()))
-                        reply = {"hit": self.lookup(str(h["req"]), tokens, int(h["max"]),
+                        reply = {"hit": self.answer(str(h["req"]), tokens, int(h["max"]),
                                                     int(h["skip"]), identity)}
                     else:
                         raise ValueError(f"unknown op {h['op']!r}")
@@ -232,9 +255,6 @@ class WorkerCache:
                 os.unlink(address)
             except OSError:
                 pass
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
 
 
 class LookupClient:
