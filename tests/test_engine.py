@@ -51,7 +51,7 @@ def test_vanished_chunk_is_a_counted_load_failure(engine):
     keys = engine.chunk_keys(toks)
     for tier in engine.tiers:                  # chunk 1 disappears from every tier after lookup
         tier._file(keys[1]).write_bytes(b"junk") if hasattr(tier, "_file") else tier.delete(keys[1])
-    assert engine.lookup(toks) == 12           # the disk index still lists it
+    assert engine.lookup(toks) == 12           # the damaged disk file is still there
     got = engine.retrieve(toks, num_tokens=12)
     assert len(got) == 1 and engine.stats.load_failures == 1
     assert engine.lookup(toks) == 4            # the corrupt file was dropped
