@@ -190,6 +190,73 @@ def num_parameters(spec: TinyModelSpec, vocab: int | None = None) -> int:
     return spec.layers * (attn + mlp + norms) + 2 * v * spec.hidden + spec.hidden
 
 
+@dataclass(frozen=True)
+class TinyWindowSpec:
+    """A tiny Llama whose attention layers use a sliding window. `layer_types` names each layer
+    `"sliding_attention"` or `"full_attention"` (HF's per-layer spelling, which vLLM's Llama reads,
+    vllm/model_executor/models/llama.py); empty means every layer slides. Alternating kinds make a
+    hybrid model in the Gemma 2/3 pattern; all sliding is the Mistral-7B-v0.1 pattern."""
+    layers: int = 2
+    hidden: int = 256
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 512
+    vocab: int = 4096           # target BPE vocabulary; the model uses the trained size
+    max_position: int = 4096
+    sliding_window: int = 128
+    layer_types: tuple[str, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self):
+        assert self.sliding_window > 0 and self.hidden % self.heads == 0
+        assert not self.layer_types or len(self.layer_types) == self.layers
+        assert set(self.layer_types) <= {"sliding_attention", "full_attention"}
+
+
+def build_tiny_window_model(path: str | os.PathLike, spec: TinyWindowSpec | None = None) -> Path:
+    """Build (or reuse) a tiny random sliding-window Llama under `path`, with the same local
+    tokenizer as `build_tiny_model` (same seed and vocabulary size); returns the directory. Same
+    invariants as `build_tiny_model` (deterministic, reused when the spec matches)."""
+    spec = spec or TinyWindowSpec()
+    path = Path(path)
+    marker = path / SPEC_FILE
+    want = json.loads(json.dumps(asdict(spec)))          # tuples as JSON lists
+    if marker.exists():
+        try:
+            if json.loads(marker.read_text()) == want:
+                return path
+        except (OSError, ValueError):
+            pass  # unreadable marker: rebuild below
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _train_tokenizer(TinyModelSpec(vocab=spec.vocab, seed=spec.seed))
+    layer_types = list(spec.layer_types) or ["sliding_attention"] * spec.layers
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads, max_position_embeddings=spec.max_position,
+        sliding_window=spec.sliding_window, layer_types=layer_types,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False, torch_dtype="float32")
+    torch.manual_seed(spec.seed)
+    model = LlamaForCausalLM(config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=path.parent))
+    tmp.chmod(0o755)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / SPEC_FILE).write_text(json.dumps(want))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("path")
