@@ -26,8 +26,9 @@ from vllm_e2e import MODELS_DIR, loadable, make_prompts, run_engine
 pytestmark = pytest.mark.e2e
 
 WINDOW, CHUNK = 128, 128
-PROMPTS = make_prompts(seed=1)
-NAMES = list(PROMPTS)                     # long 700, diverge, exact 512, short 100
+PROMPTS = make_prompts(seed=1)             # long 700, diverge, exact 512, short 100, and
+PROMPTS["far"] = [11] * 64 + PROMPTS["long"][64:]   # long with only its first 64 tokens changed
+NAMES = list(PROMPTS)
 ALL = [PROMPTS[n] for n in NAMES]
 MAX_TOKENS = 16
 
@@ -78,6 +79,10 @@ def engines(models, tmp_path_factory) -> Engines:
 
 def test_hybrid_is_served_with_identical_tokens(engines):
     ref = engines.get("hybrid_ref")
+    # the comparison has teeth: tokens 600 positions before the end, far outside the window,
+    # change the output through the full-attention layer, so wrong KV there would show
+    tokens = dict(zip(NAMES, ref["results"][0]["tokens"]))
+    assert tokens["far"] != tokens["long"]
     run = engines.get("hybrid_conn")
     assert "lmcache_lab: the engine runs without lmcache_lab" not in run["log"]
     # one KV cache group, the sliding layer allocated in full (what makes chunks safe)
@@ -87,7 +92,7 @@ def test_hybrid_is_served_with_identical_tokens(engines):
     assert warm["tokens"] == ref["results"][0]["tokens"]
     # cold: only "diverge" hits, on the chunks it shares with "long" (300 tokens), stored first
     shared = min(300 // CHUNK * CHUNK, loadable(len(PROMPTS["diverge"]), CHUNK))
-    assert cold["num_cached_tokens"] == [0, shared, 0, 0] and shared > WINDOW
+    assert cold["num_cached_tokens"] == [0, shared, 0, 0, 0] and shared > WINDOW
     # every prompt was stored on the cold pass; each hit is its whole loadable prefix, far
     # beyond the window (long: 640 of 700 tokens)
     assert warm["num_cached_tokens"] == [loadable(len(p), CHUNK) for p in ALL]
