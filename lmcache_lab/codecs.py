@@ -50,6 +50,9 @@ class _QuantCodec(Codec):
         if chunk.dim() != 4:
             raise ValueError(f"codec {self.name}: expected a chunk [2, L, N, H*D], got shape "
                              f"{list(chunk.shape)}")
+        if chunk.shape[0] != 2:      # a K-only (MLA latent) chunk [1, L, N, D]
+            raise ValueError(f"codec {self.name}: quantizes K and V chunks [2, L, N, H*D]; a "
+                             f"K-only (MLA) chunk {list(chunk.shape)} needs codec 'none'")
         hd = chunk.shape[3]
         if self.num_kv_heads is not None:
             return self.num_kv_heads

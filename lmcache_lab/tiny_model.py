@@ -7,6 +7,9 @@ fp32 or bf16, with deterministic greedy output.
 
     python -m lmcache_lab.tiny_model /tmp/tiny-llama --layers 6 --hidden 512
 
+`build_tiny_mla_model` builds a DeepSeek-V2-style model with multi-head latent attention (MLA)
+the same way (`TinyMLASpec`, same tokenizer), for vLLM's MLA backends.
+
 Invariants:
   * Deterministic: the same `TinyModelSpec` always gives the same weights and tokenizer.
   * Reused: a directory already holding a model of the same spec (see `SPEC_FILE`) is returned as
@@ -118,6 +121,104 @@ def build_tiny_model(path: str | os.PathLike, spec: TinyModelSpec | None = None)
         if tmp.exists():
             shutil.rmtree(tmp)
     return path
+
+
+@dataclass(frozen=True)
+class TinyMLASpec:
+    """Shape of a small DeepSeek-V2-style model with multi-head latent attention (MLA), all dense
+    MLPs (no MoE). vLLM's CPU MLA backend (`CPU_MLA`, the one chosen without AMX) only serves a
+    latent cache of width `kv_lora_rank + qk_rope_head_dim` = 576 (`get_supported_head_sizes`,
+    vllm/v1/attention/backends/mla/cpu_mla.py), so those two keep DeepSeek's sizes (512 + 64):
+    the KV is 576 values per token and layer whatever `hidden` is."""
+    layers: int = 2
+    hidden: int = 256
+    heads: int = 4
+    kv_lora_rank: int = 512
+    qk_rope_head_dim: int = 64
+    qk_nope_head_dim: int = 32
+    v_head_dim: int = 32
+    intermediate: int = 512
+    vocab: int = 4096           # target BPE vocabulary; the model uses the trained size
+    max_position: int = 4096
+    # weight init std (transformers' initializer_range): wider than the usual 0.02 so greedy
+    # tokens have clear logit margins and fp32 rounding (a prefill split at a cached prefix)
+    # does not flip them
+    init_std: float = 0.1
+    # "yarn" (factor 1: plain RoPE frequencies), as DeepSeek-V2 ships: vLLM then rotates with
+    # DeepseekScalingRotaryEmbedding (torch). "default" takes vLLM's CPU `ops.rotary_embedding`,
+    # whose non-neox output for a position changes with the number of tokens in the step
+    # (measured on vLLM 0.32: rows 57-77 of a 512- vs a 700-token prefill), so a prefix's KV
+    # depends on how it was batched and no cache can reproduce a cold prefill exactly.
+    rope: str = "yarn"
+    seed: int = 0
+
+    def __post_init__(self):
+        assert self.layers > 0 and self.hidden > 0 and self.intermediate > 0 and self.heads > 0
+        assert self.vocab >= 512, "vocab must leave room for the 256 byte tokens and merges"
+
+
+def _save_model_dir(path: Path, model, tokenizer, spec) -> Path:
+    """Save `model` + `tokenizer` + the spec marker next to `path` and rename into place, so a
+    reader never sees half a model."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=path.parent))
+    tmp.chmod(0o755)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / SPEC_FILE).write_text(json.dumps(asdict(spec)))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return path
+
+
+def _mla_rope(spec: TinyMLASpec) -> dict:
+    if spec.rope == "default":
+        return {"rope_type": "default", "rope_theta": 10000.0}
+    if spec.rope == "yarn":
+        return {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 1.0,
+                "original_max_position_embeddings": spec.max_position, "beta_fast": 32.0,
+                "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+    raise ValueError(f"TinyMLASpec.rope: {spec.rope!r} is not one of default, yarn")
+
+
+def build_tiny_mla_model(path: str | os.PathLike, spec: TinyMLASpec | None = None) -> Path:
+    """Build (or reuse) a tiny random DeepSeek-V2-style MLA model under `path`, with the same
+    local tokenizer as `build_tiny_model` (trained with the same seed and vocabulary size);
+    returns the directory. Same invariants as `build_tiny_model` (deterministic, reused when the
+    spec matches)."""
+    spec = spec or TinyMLASpec()
+    path = Path(path)
+    marker = path / SPEC_FILE
+    if marker.exists():
+        try:
+            if json.loads(marker.read_text()) == asdict(spec):
+                return path
+        except (OSError, ValueError):
+            pass  # unreadable marker: rebuild below
+    import torch
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    tokenizer = _train_tokenizer(TinyModelSpec(vocab=spec.vocab, seed=spec.seed))
+    config = DeepseekV2Config(
+        vocab_size=len(tokenizer), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+        num_key_value_heads=spec.heads, max_position_embeddings=spec.max_position,
+        kv_lora_rank=spec.kv_lora_rank, q_lora_rank=None,
+        qk_rope_head_dim=spec.qk_rope_head_dim, qk_nope_head_dim=spec.qk_nope_head_dim,
+        v_head_dim=spec.v_head_dim, head_dim=spec.qk_rope_head_dim,
+        first_k_dense_replace=spec.layers,          # every layer dense: no MoE
+        n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=64,   # unused: no MoE layer
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        rope_parameters=_mla_rope(spec), initializer_range=spec.init_std,
+        tie_word_embeddings=False, dtype="float32")
+    torch.manual_seed(spec.seed)
+    model = DeepseekV2ForCausalLM(config)
+    return _save_model_dir(path, model, tokenizer, spec)
 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -24,6 +24,11 @@ The worker and the scheduler may share a process (vLLM's `uni` executor) or not 
 CPU): the socket works for both. With tensor parallelism each rank keeps its own shard of every
 chunk (the rank is in the namespace) and a hit is the minimum over ranks.
 
+An MLA latent cache (DeepSeek-V2/V3: one latent vector of kv_lora_rank + rope dims per token,
+no V) is served as K-only chunks `[1, L, N, D]`. Every tensor-parallel rank holds the same
+latent KV, so its namespace is rank 0 of 1 (plus "mla"): rank 0 stores, every rank loads
+(ranks > 0 hit only through a tier they share with rank 0: disk on one path, Redis).
+
 A cache fault is a counted miss: an exception while loading marks the request's blocks invalid
 (recomputed by vLLM; `kv_load_failure_policy` is set to "recompute"), one while storing drops
 that chunk; neither reaches the engine.
@@ -105,13 +110,17 @@ def make_namespace(vllm_config: "VllmConfig", config: CacheConfig, layout: KVLay
     instead (`vllm_identity.request_identity`)."""
     mc = vllm_config.model_config
     model = f"{mc.model}@{mc.revision or ''}#{model_fingerprint(vllm_config)}"
+    mla = layout.v is None
+    if mla:           # the latent KV is the same on every tensor rank: one copy serves them all
+        tp_rank, tp_size = 0, 1
     shape = (f"{layout.name}:L{layout.num_layers}:bs{layout.block_size}:"
              f"H{layout.num_kv_heads}:D{layout.head_size}")
     pc = vllm_config.parallel_config
     # context parallelism shards a request's KV by token across ranks: its sizes separate stores
     cp = f"dcp={pc.decode_context_parallel_size};pcp={pc.prefill_context_parallel_size}"
     return Namespace(model=model, kv_dtype=_dtype_name(kv_dtype), layout=shape, tp_rank=tp_rank,
-                     tp_size=tp_size, codec=config.codec, extra=f"pp={pp_rank}/{pp_size};{cp}")
+                     tp_size=tp_size, codec=config.codec,
+                     extra=("mla;" if mla else "") + f"pp={pp_rank}/{pp_size};{cp}")
 
 
 # ================================================================================= connector
@@ -139,6 +148,7 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         self._layout: KVLayout | None = None
         self._layers: list[torch.Tensor] = []
         self._invalid_blocks: set[int] = set()
+        self._stores_here = True      # False on tensor ranks > 0 of an MLA cache (rank 0 stores)
         # scheduler side
         self._planner: Planner | None = None
         self._client: LookupClient | None = None
@@ -236,7 +246,8 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         reuse another layer's cache (cross-layer KV sharing) are kept once.
 
         A cache lmcache_lab cannot serve (a backend, layout, dtype or packing `from_vllm`
-        refuses, several KV cache groups, an MLA latent cache) is refused here with one warning
+        refuses, several KV cache groups, an MLA latent cache with the int8/fp8 codec or with
+        context parallelism) is refused here with one warning
         that names the backend, the layout and the shapes; no exception reaches vLLM and the
         engine runs on without the connector's hits. The worker still serves its lookup socket
         (`refuse_lookup`): the scheduler's lookups are answered 0 at once, never left to time
@@ -260,6 +271,8 @@ class LMCacheLabConnector(KVConnectorBase_V1):
             return
         ns = make_namespace(self._vllm_config, self.config, self._layout, self._layers[0].dtype,
                             tp_rank, tp_size, pp_rank, pp_size)
+        # MLA: one copy for all tensor ranks (make_namespace drops the rank), written by rank 0
+        self._stores_here = self._layout.v is not None or tp_rank == 0
         self._cache = WorkerCache(CacheEngine(self.config, namespace=ns))
         self._cache.serve(path, self._authkey)
         atexit.register(self._cache.close)
@@ -317,10 +330,15 @@ class LMCacheLabConnector(KVConnectorBase_V1):
                 isa = _get_attn_isa(spec.dtype, layers[0].shape[2], spec.head_size,
                                     self._vllm_config.cache_config.cache_dtype)
         layout = KVLayout.from_vllm(layers, backend, spec, kv_layout, cpu_isa=isa)
-        if layout.v is None:
-            raise UnsupportedLayout(f"{where}: an MLA latent cache ({layout.name}); its layout "
-                                    "is known (kernels/layout.py) but the connector does not "
-                                    "serve it yet")
+        if layout.v is None:                           # MLA latent cache: K-only chunks
+            if self.config.codec != "none":
+                raise UnsupportedLayout(f"{where}: codec {self.config.codec!r} quantizes K and V "
+                                        f"chunks [2, ...]; an MLA latent cache ({layout.name}) "
+                                        "has K-only chunks [1, ...]: use codec 'none'")
+            pc = self._vllm_config.parallel_config
+            if pc.decode_context_parallel_size > 1 or pc.prefill_context_parallel_size > 1:
+                raise UnsupportedLayout(f"{where}: an MLA latent cache ({layout.name}) with "
+                                        "context parallelism (each rank holds other tokens)")
         return layers, layout
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
@@ -375,7 +393,7 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         return  # all layers are copied at once after the forward pass (wait_for_save)
 
     def wait_for_save(self):
-        if self._cache is None or not self.has_connector_metadata():
+        if self._cache is None or not self._stores_here or not self.has_connector_metadata():
             return
         meta = self._get_connector_metadata()
         assert isinstance(meta, LMCacheLabConnectorMetadata)
@@ -392,7 +410,7 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         for i in missing:
             try:
                 off = (i - spec.first_chunk) * cs
-                chunk = gather(self._layers, self._layout, slots[off:off + cs])  # [2, L, cs, H*D]
+                chunk = gather(self._layers, self._layout, slots[off:off + cs])  # [2|1, L, cs, H*D]
                 self._cache.write(keys, i, chunk if chunk.device.type == "cpu" else chunk.cpu())
             except Exception:
                 log.exception("lmcache_lab: storing chunk %d of request %s failed; it will be "
