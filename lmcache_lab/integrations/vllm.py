@@ -56,6 +56,7 @@ from lmcache_lab.integrations.vllm_cache import (LookupClient, LookupServer, Wor
                                                   refuse_lookup, socket_path)
 from lmcache_lab.integrations.vllm_identity import model_fingerprint, pipeline_rank, request_identity
 from lmcache_lab.integrations.vllm_plan import LoadSpec, Planner, StepPlan, StoreSpec, loadable_chunks
+from lmcache_lab.integrations.vllm_support import unsupported_spec_reason
 from lmcache_lab.keys import Namespace
 from lmcache_lab.kernels.layout import KVLayout, UnsupportedLayout
 from lmcache_lab.kernels.paged import gather, scatter
@@ -322,6 +323,8 @@ class LMCacheLabConnector(KVConnectorBase_V1):
             if len(specs) != 1:
                 raise UnsupportedLayout(f"{where}: the layers' KV cache specs differ")
             spec = specs.pop()
+        if (why := unsupported_spec_reason(spec, self._vllm_config)) is not None:
+            raise UnsupportedLayout(f"{where}: {why}")
         isa = None
         if backend.get_name() == "CPU_ATTN":
             isa = getattr(ctx[names[0]], "isa", None)

@@ -16,7 +16,6 @@ again after reset_prefix_cache(), so a cached token can only come from the conne
 """
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import pytest
@@ -31,12 +30,6 @@ PROMPTS["far"] = [11] * 64 + PROMPTS["long"][64:]   # long with only its first 6
 NAMES = list(PROMPTS)
 ALL = [PROMPTS[n] for n in NAMES]
 MAX_TOKENS = 16
-
-
-def _wired() -> bool:
-    from lmcache_lab.integrations import vllm
-
-    return "unsupported_spec_reason" in inspect.getsource(vllm)
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +92,6 @@ def test_hybrid_is_served_with_identical_tokens(engines):
     assert max(warm["num_cached_tokens"]) > 4 * WINDOW
 
 
-@pytest.mark.skipif(not _wired(), reason="integrations/vllm.py does not call "
-                    "vllm_support.unsupported_spec_reason yet")
 def test_all_sliding_is_refused_clearly(engines):
     ref = engines.get("sliding_ref")
     run = engines.get("sliding_conn")
