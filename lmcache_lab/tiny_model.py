@@ -83,30 +83,9 @@ def _train_tokenizer(spec: TinyModelSpec):
                                    unk_token="<unk>")
 
 
-def build_tiny_model(path: str | os.PathLike, spec: TinyModelSpec | None = None) -> Path:
-    """Build (or reuse) a tiny Llama under `path`; returns the directory."""
-    spec = spec or TinyModelSpec()
-    path = Path(path)
-    marker = path / SPEC_FILE
-    if marker.exists():
-        try:
-            if json.loads(marker.read_text()) == asdict(spec):
-                return path
-        except (OSError, ValueError):
-            pass  # unreadable marker: rebuild below
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = _train_tokenizer(spec)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
-        num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
-        num_key_value_heads=spec.kv_heads, max_position_embeddings=spec.max_position,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False, torch_dtype="float32")
-    torch.manual_seed(spec.seed)
-    model = LlamaForCausalLM(config)
-    # Build next to the target and rename into place, so a reader never sees half a model.
+def _save_model_dir(path: Path, model, tokenizer, spec) -> Path:
+    """Save `model` + `tokenizer` + the spec marker next to `path` and rename into place, so a
+    reader never sees half a model."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=path.parent))
     tmp.chmod(0o755)
@@ -121,6 +100,37 @@ def build_tiny_model(path: str | os.PathLike, spec: TinyModelSpec | None = None)
         if tmp.exists():
             shutil.rmtree(tmp)
     return path
+
+
+def _built(path: Path, spec) -> bool:
+    """True if `path` holds a finished build of `spec` (its marker matches); an unreadable marker
+    means a rebuild."""
+    marker = path / SPEC_FILE
+    try:
+        return marker.exists() and json.loads(marker.read_text()) == json.loads(json.dumps(asdict(spec)))
+    except (OSError, ValueError):
+        return False
+
+
+def build_tiny_model(path: str | os.PathLike, spec: TinyModelSpec | None = None) -> Path:
+    """Build (or reuse) a tiny Llama under `path`; returns the directory."""
+    spec = spec or TinyModelSpec()
+    path = Path(path)
+    if _built(path, spec):
+        return path
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _train_tokenizer(spec)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads, max_position_embeddings=spec.max_position,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False, torch_dtype="float32")
+    torch.manual_seed(spec.seed)
+    model = LlamaForCausalLM(config)
+    return _save_model_dir(path, model, tokenizer, spec)
 
 
 @dataclass(frozen=True)
@@ -157,25 +167,6 @@ class TinyMLASpec:
         assert self.vocab >= 512, "vocab must leave room for the 256 byte tokens and merges"
 
 
-def _save_model_dir(path: Path, model, tokenizer, spec) -> Path:
-    """Save `model` + `tokenizer` + the spec marker next to `path` and rename into place, so a
-    reader never sees half a model."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=path.parent))
-    tmp.chmod(0o755)
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / SPEC_FILE).write_text(json.dumps(asdict(spec)))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return path
-
-
 def _mla_rope(spec: TinyMLASpec) -> dict:
     if spec.rope == "default":
         return {"rope_type": "default", "rope_theta": 10000.0}
@@ -193,13 +184,8 @@ def build_tiny_mla_model(path: str | os.PathLike, spec: TinyMLASpec | None = Non
     spec matches)."""
     spec = spec or TinyMLASpec()
     path = Path(path)
-    marker = path / SPEC_FILE
-    if marker.exists():
-        try:
-            if json.loads(marker.read_text()) == asdict(spec):
-                return path
-        except (OSError, ValueError):
-            pass  # unreadable marker: rebuild below
+    if _built(path, spec):
+        return path
     import torch
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
@@ -320,14 +306,8 @@ def build_tiny_window_model(path: str | os.PathLike, spec: TinyWindowSpec | None
     invariants as `build_tiny_model` (deterministic, reused when the spec matches)."""
     spec = spec or TinyWindowSpec()
     path = Path(path)
-    marker = path / SPEC_FILE
-    want = json.loads(json.dumps(asdict(spec)))          # tuples as JSON lists
-    if marker.exists():
-        try:
-            if json.loads(marker.read_text()) == want:
-                return path
-        except (OSError, ValueError):
-            pass  # unreadable marker: rebuild below
+    if _built(path, spec):
+        return path
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -342,20 +322,7 @@ def build_tiny_window_model(path: str | os.PathLike, spec: TinyWindowSpec | None
         tie_word_embeddings=False, torch_dtype="float32")
     torch.manual_seed(spec.seed)
     model = LlamaForCausalLM(config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=path.parent))
-    tmp.chmod(0o755)
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / SPEC_FILE).write_text(json.dumps(want))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return path
+    return _save_model_dir(path, model, tokenizer, spec)
 
 
 def main(argv: list[str] | None = None) -> None:
