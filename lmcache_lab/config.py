@@ -156,10 +156,66 @@ class RedisTierConfig:
 
 
 @dataclass
+class S3TierConfig:
+    """Shared object-storage tier (AWS S3 or an S3-compatible store); off while `url` is null.
+    See docs/s3.md.
+
+    * `url`: s3://bucket[/prefix]; one object per chunk under the prefix.
+    * `endpoint_url`: an S3-compatible store (MinIO, Ceph RGW, R2, ...); null for AWS S3.
+    * `region`: null takes the AWS chain's region (AWS_REGION, ~/.aws/config), else us-east-1.
+    * Credentials come only from the standard AWS chain (env vars, shared files, instance roles).
+    * `timeout_s`: connect/read timeout of one request; when it passes the chunk is a miss.
+    * `max_chunk_bytes`: largest stored chunk accepted on write or read.
+    * `max_connections`: connection pool size, also the number of parallel requests.
+    * `capacity_bytes`: the bucket has no budget of its own and the tier never evicts; this value
+      is only reported as the capacity (use a bucket lifecycle rule to expire old chunks).
+    """
+    url: str | None = None
+    endpoint_url: str | None = None
+    region: str | None = None
+    capacity_bytes: int | None = None
+    timeout_s: float = 2.0
+    backoff_max_s: float = 2.0
+    max_chunk_bytes: int = 256 * 2**20
+    max_connections: int = 32
+
+    def __post_init__(self):
+        url = self.url
+        if url is not None and not re.fullmatch(r"s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?", str(url)):
+            raise ConfigError(f"tiers.s3.url: {url!r} must be s3://bucket[/prefix] with a valid bucket name")
+        if self.endpoint_url is not None and not str(self.endpoint_url).startswith(("http://", "https://")):
+            raise ConfigError(f"tiers.s3.endpoint_url: {self.endpoint_url!r} must start with http:// or https://")
+        for k in ("timeout_s", "backoff_max_s"):
+            v = getattr(self, k)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"tiers.s3.{k}: must be > 0, got {v!r}")
+        if not isinstance(self.max_connections, int) or isinstance(self.max_connections, bool) \
+                or self.max_connections < 1:
+            raise ConfigError(f"tiers.s3.max_connections: must be an integer >= 1, got {self.max_connections!r}")
+        self.max_chunk_bytes = parse_size(self.max_chunk_bytes, "tiers.s3.max_chunk_bytes")
+        if self.max_chunk_bytes <= 0:
+            raise ConfigError("tiers.s3.max_chunk_bytes: must be > 0")
+        if self.capacity_bytes is not None:
+            self.capacity_bytes = parse_size(self.capacity_bytes, "tiers.s3.capacity_bytes")
+
+    @property
+    def bucket(self) -> str:
+        return str(self.url)[5:].split("/", 1)[0]
+
+    @property
+    def prefix(self) -> str:
+        """The key prefix inside the bucket, '' or ending in '/'."""
+        rest = str(self.url)[5:].split("/", 1)
+        p = rest[1].strip("/") if len(rest) > 1 else ""
+        return p + "/" if p else ""
+
+
+@dataclass
 class TiersConfig:
     cpu: CpuTierConfig = field(default_factory=CpuTierConfig)
     disk: DiskTierConfig = field(default_factory=DiskTierConfig)
     redis: RedisTierConfig = field(default_factory=RedisTierConfig)
+    s3: S3TierConfig = field(default_factory=S3TierConfig)
 
 
 @dataclass
@@ -242,7 +298,7 @@ def _build(cls, data: dict[str, Any], prefix: str):
 
 
 _NESTED = {"PolicyConfig": PolicyConfig, "TiersConfig": TiersConfig, "CpuTierConfig": CpuTierConfig,
-           "DiskTierConfig": DiskTierConfig, "RedisTierConfig": RedisTierConfig,
+           "DiskTierConfig": DiskTierConfig, "RedisTierConfig": RedisTierConfig, "S3TierConfig": S3TierConfig,
            "MetricsConfig": MetricsConfig, "WriteBehindConfig": WriteBehindConfig}
 
 

@@ -26,4 +26,8 @@ def build_tiers(config: CacheConfig) -> list[BudgetedTier]:
     if config.tiers.redis.url:
         # Redis evicts by its own maxmemory policy (shared by all instances): no local policy.
         tiers.append(RedisTier(config.tiers.redis))
+    if config.tiers.s3.url:
+        # the bucket keeps its own budget (lifecycle rules) and is shared: no local policy
+        from lmcache_lab.tiers.s3 import S3Tier  # boto3 is imported only when S3 is configured
+        tiers.append(S3Tier(config.tiers.s3))
     return tiers

@@ -104,3 +104,25 @@ def _wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> boo
 def wait_until():
     """`wait_until(predicate, timeout)`: poll until true; returns the last answer."""
     return _wait_until
+
+
+# ---- S3: moto's standalone S3 server (tests marked `s3`) -------------------------------------------------
+
+@pytest.fixture
+def s3_server(tmp_path, monkeypatch):
+    """A `moto_server` on a free loopback port with an empty bucket `cache`; AWS credentials for
+    it in the environment (the tier reads the standard AWS chain). Killed after the test."""
+    from s3_server import CREDENTIALS, MOTO_SERVER, MotoServer
+
+    if not MOTO_SERVER:
+        pytest.skip("moto_server not installed (pip install 'moto[server]')")
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    server = MotoServer(tmp_path / "moto")
+    server.create_bucket("cache")
+    yield server
+    server.kill()

@@ -1,0 +1,78 @@
+"""A real S3 API server for the S3 tier's integration tests: moto's standalone server
+(`moto_server`, from `moto[server]`), which speaks the S3 REST protocol over HTTP.
+
+It listens on 127.0.0.1 only, on a free port, keeps everything in memory, and is killed at
+teardown. `MotoServer` can be killed (SIGKILL) and restarted on the same port (an empty store
+afterwards: moto keeps nothing), which is how the fault tests simulate an outage. moto accepts any
+credentials, so refused credentials cannot be tested against it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HOST = "127.0.0.1"
+MOTO_SERVER = shutil.which("moto_server") or (
+    str(Path(sys.executable).parent / "moto_server") if (Path(sys.executable).parent / "moto_server").exists() else None)
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+class MotoServer:
+    def __init__(self, log_dir: Path, port: int | None = None):
+        self.port = port or free_port()
+        self.log_dir = log_dir
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_dir / f"moto-{self.port}.log", "ab")
+        self.proc = subprocess.Popen([MOTO_SERVER, "-H", HOST, "-p", str(self.port)], stdout=log,
+                                     stderr=subprocess.STDOUT, env={**os.environ, **CREDENTIALS},
+                                     start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"moto_server exited with {self.proc.returncode}; see {self.log_dir}")
+            try:
+                with socket.create_connection((HOST, self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        self.kill()
+        raise RuntimeError("moto_server did not start listening")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+    def client(self):
+        import boto3
+        return boto3.client("s3", endpoint_url=self.endpoint_url, region_name="us-east-1",
+                            aws_access_key_id="testing", aws_secret_access_key="testing")
+
+    def create_bucket(self, name: str) -> None:
+        self.client().create_bucket(Bucket=name)
