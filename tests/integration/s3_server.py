@@ -4,7 +4,8 @@
 It listens on 127.0.0.1 only, on a free port, keeps everything in memory, and is killed at
 teardown. `MotoServer` can be killed (SIGKILL) and restarted on the same port (an empty store
 afterwards: moto keeps nothing), which is how the fault tests simulate an outage. moto accepts any
-credentials, so refused credentials cannot be tested against it.
+credentials unless started with `INITIAL_NO_AUTH_ACTION_COUNT=n`: then requests after the first n
+are authenticated against its IAM, which knows no access key, so every key is refused (403).
 """
 from __future__ import annotations
 
@@ -30,9 +31,10 @@ def free_port() -> int:
 
 
 class MotoServer:
-    def __init__(self, log_dir: Path, port: int | None = None):
+    def __init__(self, log_dir: Path, port: int | None = None, env: dict[str, str] | None = None):
         self.port = port or free_port()
         self.log_dir = log_dir
+        self.env = {**os.environ, **CREDENTIALS, **(env or {})}
         self.proc: subprocess.Popen | None = None
         self.start()
 
@@ -44,7 +46,7 @@ class MotoServer:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"moto-{self.port}.log", "ab")
         self.proc = subprocess.Popen([MOTO_SERVER, "-H", HOST, "-p", str(self.port)], stdout=log,
-                                     stderr=subprocess.STDOUT, env={**os.environ, **CREDENTIALS},
+                                     stderr=subprocess.STDOUT, env=self.env,
                                      start_new_session=True)
         log.close()
         deadline = time.monotonic() + timeout

@@ -132,6 +132,21 @@ def test_missing_credentials_stop_start_up(s3_server, monkeypatch):
         S3Tier(S3TierConfig(url="s3://cache/p", endpoint_url=s3_server.endpoint_url))
 
 
+def test_refused_credentials_stop_start_up(s3_server, tmp_path):
+    # a second server that authenticates every request after the bucket is made: it knows no
+    # access key, so the ones in the environment are refused
+    from s3_server import MotoServer
+    strict = MotoServer(tmp_path / "strict", env={"INITIAL_NO_AUTH_ACTION_COUNT": "1"})
+    try:
+        strict.create_bucket("cache")
+        with pytest.raises(S3TierError, match=r"s3://cache/p: the store refused the credentials or access "
+                                              r"to bucket 'cache' \(403\)") as e:
+            S3Tier(S3TierConfig(url="s3://cache/p", endpoint_url=strict.endpoint_url))
+        assert "testing" not in str(e.value)   # the secret is never in the message
+    finally:
+        strict.kill()
+
+
 def test_unreachable_store_at_start_up_is_only_unavailable(monkeypatch):
     from s3_server import CREDENTIALS, free_port
     for name, value in CREDENTIALS.items():
