@@ -29,7 +29,9 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -49,6 +51,7 @@ __all__ = ["S3Tier", "S3TierError", "S3TierStats"]
 SERVER = "store"
 FAILED = object()   # an operation that got no answer (store down, timeout): a miss
 ABSENT = object()   # the object does not exist
+COUNT_REFRESH_S = 60.0   # len(tier) LISTs the prefix (in the background) at most this often
 
 
 class S3TierError(RuntimeError):
@@ -92,6 +95,7 @@ class S3Tier(BudgetedTier):
         self._prefix = f"{config.prefix}v{wire.VERSION}/"
         self._layout: Layout | None = layout_of(expected) if expected else None
         self._stats_lock = threading.Lock()
+        self._nobjects, self._count_at, self._counting = 0, -math.inf, False
         import botocore.exceptions as bex
         self._bex = bex
         self._network = (bex.EndpointConnectionError, bex.ConnectionClosedError, bex.ConnectTimeoutError,
@@ -329,8 +333,29 @@ class S3Tier(BudgetedTier):
                     continue
         return out
 
+    def count_objects(self) -> int:
+        """Chunk objects under our prefix, by a LIST now (O(objects)); also refreshes `len()`."""
+        self._nobjects = sum(len(page) for page in self._list())
+        self._count_at = time.monotonic()
+        return self._nobjects
+
     def __len__(self) -> int:
-        return sum(len(page) for page in self._list())
+        """The last `count_objects()` result: never a LIST on the caller's thread (metrics ask for
+        it every step); a stale count (older than COUNT_REFRESH_S) is refreshed in the background."""
+        now = time.monotonic()
+        if now - self._count_at >= COUNT_REFRESH_S and not self._counting:
+            self._count_at, self._counting = now, True
+            try:
+                self.pool.submit(self._recount)
+            except RuntimeError:   # closed
+                self._counting = False
+        return self._nobjects
+
+    def _recount(self) -> None:
+        try:
+            self.count_objects()
+        finally:
+            self._counting = False
 
     def clear(self) -> None:
         """Delete every object under our prefix, for all instances sharing it."""
