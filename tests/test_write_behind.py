@@ -65,7 +65,8 @@ def chunk(v: float) -> torch.Tensor:
 
 def test_a_stalled_slow_tier_blocks_neither_lookups_nor_memory_writes(tmp_path):
     """While the disk tier is held (a write in flight), the memory tier serves lookups, pins,
-    loads and new writes; writes beyond the write-behind budget are skipped and counted."""
+    the step's store check, loads and new writes; writes beyond the write-behind budget are
+    skipped and counted."""
     cache = make_cache(tmp_path, write_behind=2 * chunk(0).nbytes)
     disk = cache.engine.tiers[1]
     toks = np.arange(4 * CS)
@@ -74,6 +75,8 @@ def test_a_stalled_slow_tier_blocks_neither_lookups_nor_memory_writes(tmp_path):
     with disk.lock:                                          # the writer thread cannot proceed
 
         def serve():
+            assert cache.lookup("r", toks, 0, 0) == 0                  # keyed, nothing looked up
+            assert cache.missing("r", 0, 4) == (keys, [0, 1, 2, 3])   # asks the memory tier only
             for i in range(4):
                 cache.write(keys, i, chunk(i))
             assert cache.lookup("r", toks, 4, 0) == 4

@@ -142,13 +142,17 @@ class WorkerCache:
             self.release(req_id)
 
     def missing(self, req_id: str, first: int, last: int) -> tuple[list[bytes], list[int]]:
-        """(the request's keys, indices in [first, last) of chunks no tier holds)."""
+        """(the request's keys, indices in [first, last) of chunks to store). With a memory tier,
+        only it is asked (it runs on the step's critical path: never wait for disk or Redis; the
+        write-behind skips chunks the slow tiers hold already); without one, every tier."""
         with self.lock:
             keys = self.keys.get(req_id)
         if keys is None:
             return [], []
-        contains = self.engine.store_.contains
-        return keys, [i for i in range(first, min(last, len(keys))) if not contains(keys[i])]
+        store = self.engine.store_
+        tiers = store.select(self.fast) if self.fast else None
+        return keys, [i for i in range(first, min(last, len(keys)))
+                      if not store.contains(keys[i], tiers)]
 
     def write(self, keys: list[bytes], index: int, chunk: torch.Tensor) -> None:
         """Store a fresh chunk tensor as chunk `index` of the chain `keys`: memory tiers now, slow
