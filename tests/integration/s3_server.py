@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 HOST = "127.0.0.1"
-MOTO_SERVER = shutil.which("moto_server") or (
-    str(Path(sys.executable).parent / "moto_server") if (Path(sys.executable).parent / "moto_server").exists() else None)
+_BESIDE_PYTHON = Path(sys.executable).parent / "moto_server"   # the venv's, when it is not on PATH
+MOTO_SERVER = shutil.which("moto_server") or (str(_BESIDE_PYTHON) if _BESIDE_PYTHON.exists() else None)
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
