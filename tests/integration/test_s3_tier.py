@@ -251,3 +251,24 @@ def test_a_fresh_engine_loads_what_another_engine_stored(s3_server):
     finally:
         writer.close()
         reader.close()
+
+
+def test_a_chain_is_fetched_and_probed_concurrently(make_tier):
+    t = make_tier()
+    keys = [key(i) for i in range(4)]
+    assert t.put_chain(keys, [chunk(i) for i in range(4)]) == 4
+    for op in ("GetObject", "HeadObject"):
+        # every request waits until all four are in flight: serial requests would break the barrier
+        barrier = threading.Barrier(4, timeout=5)
+
+        def hook(barrier=barrier, **kw):
+            barrier.wait()   # returns None: a value from a before-send hook would replace the response
+        t.client.meta.events.register(f"before-send.s3.{op}", hook)
+        try:
+            if op == "GetObject":
+                assert all(same(v, chunk(i)) for i, v in enumerate(t.get_many(keys)))
+            else:
+                assert t.prefix_length(keys) == 4
+        finally:
+            t.client.meta.events.unregister(f"before-send.s3.{op}", hook)
+    assert t.stats.errors == 0
