@@ -272,3 +272,20 @@ def test_a_chain_is_fetched_and_probed_concurrently(make_tier):
         finally:
             t.client.meta.events.unregister(f"before-send.s3.{op}", hook)
     assert t.stats.errors == 0
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"url": "http://bucket/x"}, "must be s3://bucket"),
+    ({"url": "s3://Bad_Bucket"}, "must be s3://bucket"),
+    ({"url": "s3://ok-bucket", "endpoint_url": "minio:9000"}, "must start with http"),
+    ({"url": "s3://ok-bucket", "timeout_s": 0}, "timeout_s: must be > 0"),
+    ({"url": "s3://ok-bucket", "max_connections": 0}, "max_connections"),
+    ({"url": "s3://ok-bucket", "max_chunk_bytes": "lots"}, "max_chunk_bytes"),
+])
+def test_invalid_config_is_refused_with_the_key(bad, message):
+    from lmcache_lab.config import ConfigError
+    with pytest.raises(ConfigError, match=message):
+        load_config({"tiers": {"s3": bad}}, environ={})
+    ok = load_config({"tiers": {"s3": {"url": "s3://ok-bucket/a/b/", "max_chunk_bytes": "8MiB"}}}, environ={})
+    assert (ok.tiers.s3.bucket, ok.tiers.s3.prefix, ok.tiers.s3.max_chunk_bytes) == ("ok-bucket", "a/b/", 8 * 2**20)
+    assert load_config({}, environ={}).tiers.s3.url is None   # off by default
