@@ -45,8 +45,9 @@ from redis.exceptions import OutOfMemoryError
 
 from lmcache_lab import wire
 from lmcache_lab.config import RedisTierConfig
-from lmcache_lab.tiers.base import BudgetedTier, Key, TierStats, payload_nbytes
+from lmcache_lab.tiers.base import Key, TierStats, payload_nbytes
 from lmcache_lab.tiers.breaker import Breaker
+from lmcache_lab.tiers.remote import RemoteTier
 from lmcache_lab.tiers.chunk_check import Layout, check_value, layout_nbytes, layout_of, value_cap
 from lmcache_lab.tiers.redis_client import (SERVER, UNROUTED, Backend, Buffers, RedisTierError, is_moved,
                                             redact, startup_error)
@@ -81,7 +82,7 @@ class RedisUsage:
     keys: int                    # DBSIZE summed over reachable primaries (all keys of the db)
 
 
-class RedisTier(BudgetedTier):
+class RedisTier(RemoteTier):
     name = "redis"
     encodes = True
 
@@ -302,42 +303,6 @@ class RedisTier(BudgetedTier):
             log.warning("redis tier: write refused: %s", error)
 
     # ---- the tier interface ---------------------------------------------------------------------------
-    def contains(self, key: Key) -> bool:
-        return self.exists_many([key])[0]
-
-    __contains__ = contains
-
-    def prefix_length(self, keys: Sequence[Key]) -> int:
-        """Leading keys present in Redis, asked in one pipelined round trip per endpoint."""
-        n = 0
-        for present in self.exists_many(list(keys)):
-            if not present:
-                break
-            n += 1
-        return n
-
-    def get(self, key: Key) -> Any | None:
-        return self.get_many([key])[0]
-
-    def put(self, key: Key, value: Any, parent: Key | None = None, position: int = 0) -> bool:
-        return self.put_many([(key, value, parent, position)])[0]
-
-    def put_chain(self, keys: Sequence[Key], values: Sequence[Any] | Any, parent: Key | None = None,
-                  position: int = 0, step: int = 0) -> int:
-        """Pipelined write of consecutive chunks of one prefix chain (`keys[i]`'s parent is
-        `keys[i-1]`); returns how many leading keys are in Redis afterwards."""
-        per_key = isinstance(values, (list, tuple))
-        items = []
-        for i, key in enumerate(keys):
-            items.append((key, values[i] if per_key else values, parent, position + i * step))
-            parent = key
-        n = 0
-        for ok in self.put_many(items):
-            if not ok:
-                break
-            n += 1
-        return n
-
     def touch(self, chain: Sequence[Key]) -> None:
         """Tell Redis's LRU/LFU (or the TTL) that a request used these chunks."""
         if not chain:

@@ -40,8 +40,9 @@ import torch
 
 from lmcache_lab import wire
 from lmcache_lab.config import S3TierConfig
-from lmcache_lab.tiers.base import BudgetedTier, Key, TierStats, payload_nbytes
+from lmcache_lab.tiers.base import Key, TierStats, payload_nbytes
 from lmcache_lab.tiers.breaker import Breaker
+from lmcache_lab.tiers.remote import RemoteTier
 from lmcache_lab.tiers.chunk_check import Layout, check_value, layout_of, value_cap
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def _make_client(config: S3TierConfig):
     return session.client("s3", endpoint_url=config.endpoint_url, region_name=region, config=conf)
 
 
-class S3Tier(BudgetedTier):
+class S3Tier(RemoteTier):
     name = "s3"
     encodes = True
 
@@ -263,42 +264,6 @@ class S3Tier(BudgetedTier):
         return None
 
     # ---- the tier interface -----------------------------------------------------------------------------
-    def contains(self, key: Key) -> bool:
-        return self.exists_many([key])[0]
-
-    __contains__ = contains
-
-    def prefix_length(self, keys: Sequence[Key]) -> int:
-        """Leading keys present in the store (all HEADs issued concurrently)."""
-        n = 0
-        for present in self.exists_many(list(keys)):
-            if not present:
-                break
-            n += 1
-        return n
-
-    def get(self, key: Key) -> Any | None:
-        return self.get_many([key])[0]
-
-    def put(self, key: Key, value: Any, parent: Key | None = None, position: int = 0) -> bool:
-        return self.put_many([(key, value, parent, position)])[0]
-
-    def put_chain(self, keys: Sequence[Key], values: Sequence[Any] | Any, parent: Key | None = None,
-                  position: int = 0, step: int = 0) -> int:
-        """Concurrent write of consecutive chunks of one prefix chain; returns how many leading
-        keys are stored afterwards."""
-        per_key = isinstance(values, (list, tuple))
-        items = []
-        for i, key in enumerate(keys):
-            items.append((key, values[i] if per_key else values, parent, position + i * step))
-            parent = key
-        n = 0
-        for ok in self.put_many(items):
-            if not ok:
-                break
-            n += 1
-        return n
-
     def touch(self, chain: Sequence[Key]) -> None:
         """Object stores keep no access order: nothing to tell them."""
 

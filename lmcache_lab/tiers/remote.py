@@ -1,0 +1,58 @@
+"""The tier interface of a shared remote store, in terms of its three batch operations.
+
+A remote store (Redis, S3) is asked in batches: one pipelined round trip, or concurrent requests,
+per call. A subclass implements `exists_many`, `get_many` and `put_many`; the single-key and chain
+operations of `BudgetedTier` are built on them here, so both stores keep the same prefix rule:
+`prefix_length` and `put_chain` stop at the first missing or refused chunk (a child without its
+parent would be an orphan).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from lmcache_lab.tiers.base import BudgetedTier, Key
+
+
+def leading(flags) -> int:
+    """How many leading `flags` are true."""
+    n = 0
+    for flag in flags:
+        if not flag:
+            break
+        n += 1
+    return n
+
+
+class RemoteTier(BudgetedTier):
+    def exists_many(self, keys: Sequence[Key]) -> list[bool]:
+        raise NotImplementedError
+
+    def put_many(self, items: Sequence[tuple[Key, Any, Key | None, int]]) -> list[bool]:
+        """Store (key, value, parent, position) items; per item whether it is stored after."""
+        raise NotImplementedError
+
+    def contains(self, key: Key) -> bool:
+        return self.exists_many([key])[0]
+
+    __contains__ = contains
+
+    def prefix_length(self, keys: Sequence[Key]) -> int:
+        """Leading keys present in the store, asked in one batch."""
+        return leading(self.exists_many(list(keys)))
+
+    def get(self, key: Key) -> Any | None:
+        return self.get_many([key])[0]
+
+    def put(self, key: Key, value: Any, parent: Key | None = None, position: int = 0) -> bool:
+        return self.put_many([(key, value, parent, position)])[0]
+
+    def put_chain(self, keys: Sequence[Key], values: Sequence[Any] | Any, parent: Key | None = None,
+                  position: int = 0, step: int = 0) -> int:
+        """One batch write of consecutive chunks of one prefix chain (`keys[i]`'s parent is
+        `keys[i-1]`); returns how many leading keys are stored afterwards."""
+        per_key = isinstance(values, (list, tuple))
+        items = []
+        for i, key in enumerate(keys):
+            items.append((key, values[i] if per_key else values, parent, position + i * step))
+            parent = key
+        return leading(self.put_many(items))
