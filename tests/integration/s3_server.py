@@ -22,6 +22,18 @@ HOST = "127.0.0.1"
 _BESIDE_PYTHON = Path(sys.executable).parent / "moto_server"   # the venv's, when it is not on PATH
 MOTO_SERVER = shutil.which("moto_server") or (str(_BESIDE_PYTHON) if _BESIDE_PYTHON.exists() else None)
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+AWS_UNSET = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+
+
+def use_test_credentials(monkeypatch, tmp_path: Path) -> None:
+    """Point the standard AWS chain of this process (and the processes it starts) at the test
+    credentials only: no profile, no session token, no endpoint override, no ~/.aws files."""
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    for name in AWS_UNSET:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
 
 
 def free_port() -> int:
@@ -42,7 +54,7 @@ class MotoServer:
     def endpoint_url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
-    def start(self, timeout: float = 20.0) -> None:
+    def start(self, timeout: float = 60.0) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"moto-{self.port}.log", "ab")
         self.proc = subprocess.Popen([MOTO_SERVER, "-H", HOST, "-p", str(self.port)], stdout=log,
@@ -78,3 +90,8 @@ class MotoServer:
 
     def create_bucket(self, name: str) -> None:
         self.client().create_bucket(Bucket=name)
+
+    def count_objects(self, bucket: str, prefix: str = "") -> int:
+        """Objects under `prefix`, by the raw client's LIST (independent of the tier's own count)."""
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return sum(page.get("KeyCount", 0) for page in pages)
