@@ -4,7 +4,7 @@ The same nested keys are read from a YAML file, from `LMCACHE_LAB_*` environment
 Hydra's composed config and from the vLLM connector's `kv_connector_extra_config`:
 
     chunk_size: 256
-    hash: xxh3_128            # or sha256
+    hash: sha256              # or xxh3_128 (faster, single-tenant only: not collision resistant)
     policy: {name: lru}       # plus the policy's own parameters
     tiers:
       cpu:   {capacity_bytes: 2GiB, device: cpu}
@@ -241,7 +241,7 @@ class WriteBehindConfig:
 @dataclass
 class CacheConfig:
     chunk_size: int = 256
-    hash: str = "xxh3_128"
+    hash: str = "sha256"
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     tiers: TiersConfig = field(default_factory=TiersConfig)
     codec: str = "none"

@@ -9,8 +9,11 @@ A key therefore stands for the chunk *and every token before it*: equal keys mea
 and a changed early token changes every later key. The request identity holds what a single
 request adds that changes its KV (a LoRA adapter, a cache salt): each field is tagged and
 length-prefixed, so no value of one field can stand for another, nor for a different split of
-the same bytes; an empty identity leaves the root as it is. H is xxh3_128 (fast) or sha256 (asked for by
-config); never Python's `hash()`, which is salted per process. Only full chunks get keys: a
+the same bytes; an empty identity leaves the root as it is. H is sha256 by default: a tenant who
+crafts prompts must not be able to find one whose key equals another tenant's chunk (vLLM moved its
+prefix-cache hash to sha256 for this reason, GHSA-rm76-4mrf-v9r8). xxh3_128 is faster but not
+collision resistant: only for a single-tenant deployment. Never Python's `hash()`, which is salted
+per process. Only full chunks get keys: a
 trailing partial chunk is never stored, so hits are always a multiple of `chunk_size`.
 """
 from __future__ import annotations
@@ -85,7 +88,7 @@ def token_bytes(tokens: Sequence[int] | np.ndarray) -> bytes:
 class ChunkKeyer:
     """Computes the chained keys of a token sequence for one namespace."""
 
-    def __init__(self, namespace: Namespace, chunk_size: int = 256, hash: str = "xxh3_128"):
+    def __init__(self, namespace: Namespace, chunk_size: int = 256, hash: str = "sha256"):
         assert chunk_size > 0
         self.namespace = namespace
         self.chunk_size = chunk_size

@@ -5,7 +5,7 @@ from lmcache_lab.config import CacheConfig, ConfigError, load_config, parse_size
 
 def test_defaults_match_documented_shape():
     cfg = CacheConfig()
-    assert cfg.chunk_size == 256 and cfg.hash == "xxh3_128" and cfg.codec == "none"
+    assert cfg.chunk_size == 256 and cfg.hash == "sha256" and cfg.codec == "none"
     assert cfg.policy.name == "lru" and cfg.tiers.cpu.capacity_bytes == 2 * 2**30
     assert cfg.tiers.disk.path is None and cfg.tiers.redis.url is None and cfg.metrics.port is None
 

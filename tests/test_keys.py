@@ -15,7 +15,8 @@ def test_only_full_chunks_get_keys():
     assert len(k.keys(list(range(3)))) == 0
     assert len(k.keys(list(range(11)))) == 2
     assert len(k.keys(list(range(12)), max_chunks=1)) == 1
-    assert all(len(key) == 16 for key in k.keys(list(range(12))))
+    assert all(len(key) == 32 for key in k.keys(list(range(12))))   # sha256, the default
+    assert all(len(key) == 16 for key in ChunkKeyer(NS, 4, "xxh3_128").keys(list(range(12))))
 
 
 def test_prefix_semantics_changed_early_token_changes_every_later_key():
@@ -65,11 +66,16 @@ def test_keys_are_stable_across_processes():
 
 def test_known_value_pins_the_format():
     """Keys are a persisted format (disk, Redis): changing them silently orphans every store."""
-    k = ChunkKeyer(Namespace(model="m"), 2)
-    assert k.keys([1, 2])[0].hex() == ChunkKeyer(Namespace(model="m"), 2).keys(np.array([1, 2]))[0].hex()
+    import hashlib
+
     import xxhash
+    tokens = bytes([1, 0, 0, 0, 2, 0, 0, 0])
+    k = ChunkKeyer(Namespace(model="m"), 2)
+    assert k.hash_name == "sha256"
+    root = hashlib.sha256(Namespace(model="m").seed()).digest()
+    assert k.keys([1, 2])[0] == hashlib.sha256(root + tokens).digest()
     root = xxhash.xxh3_128_digest(Namespace(model="m").seed())
-    assert k.keys([1, 2])[0] == xxhash.xxh3_128_digest(root + bytes([1, 0, 0, 0, 2, 0, 0, 0]))
+    assert ChunkKeyer(Namespace(model="m"), 2, "xxh3_128").keys([1, 2])[0] == xxhash.xxh3_128_digest(root + tokens)
 
 
 def test_request_identity_seeds_the_chain_and_its_fields_cannot_stand_for_each_other():
