@@ -11,6 +11,10 @@ Who records what:
 So one endpoint per engine sees every process's numbers, whether the worker runs in the
 scheduler's process (vLLM's `uni` executor) or in its own (`mp`).
 
+Per tier (label `tier`): chunk reads by result (`tier_requests_total{result=hit|miss}`), bytes
+read and written, errors, corrupt values, evictions, and for remote tiers (Redis, S3) a histogram of
+each batch operation's time (`tier_op_seconds{op=lookup|get|put}`, timed in `tiers/remote.py`).
+
 Hit rate = rate(lmcache_lab_hit_tokens_total) / rate(lmcache_lab_lookup_tokens_total). Hit tokens
 are counted when they are loaded into the engine, not when a lookup promises them: a promised
 chunk that is gone by load time (evicted by another process from a shared tier, corrupt) counts
@@ -50,6 +54,8 @@ class MetricsDelta:
     gauges: dict[str, int] = field(default_factory=dict)             # GAUGES name -> value
     load_seconds: list[float] = field(default_factory=list)
     store_seconds: list[float] = field(default_factory=list)
+    tier_counts: dict[str, dict[str, int]] = field(default_factory=dict)   # tier -> TIER_COUNTERS
+    tier_seconds: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # tier -> op -> s
 
     COUNTERS = ("stored_chunks", "stored_bytes", "retrieved_chunks", "retrieved_bytes",
                 "load_failures", "store_failures", "loaded_tokens", "failed_load_tokens",
@@ -57,7 +63,8 @@ class MetricsDelta:
 
     def is_empty(self) -> bool:
         return not (any(getattr(self, c) for c in self.COUNTERS) or any(self.evictions.values())
-                    or self.load_seconds or self.store_seconds or self.tier_used_bytes or self.gauges)
+                    or self.load_seconds or self.store_seconds or self.tier_used_bytes or self.gauges
+                    or self.tier_counts or self.tier_seconds)
 
     def aggregate(self, other: "MetricsDelta") -> "MetricsDelta":
         def add(a: dict, b: dict) -> dict:
@@ -71,7 +78,29 @@ class MetricsDelta:
             add(self.tier_capacity_bytes, other.tier_capacity_bytes),
             add(self.tier_chunks, other.tier_chunks), gauges,
             (self.load_seconds + other.load_seconds)[-MAX_SAMPLES:],
-            (self.store_seconds + other.store_seconds)[-MAX_SAMPLES:])
+            (self.store_seconds + other.store_seconds)[-MAX_SAMPLES:],
+            tier_counts={t: add(self.tier_counts.get(t, {}), other.tier_counts.get(t, {}))
+                         for t in self.tier_counts.keys() | other.tier_counts.keys()},
+            tier_seconds={t: _join_samples(self.tier_seconds.get(t, {}), other.tier_seconds.get(t, {}))
+                          for t in self.tier_seconds.keys() | other.tier_seconds.keys()})
+
+
+def _join_samples(a: dict[str, list[float]], b: dict[str, list[float]]) -> dict[str, list[float]]:
+    return {op: (a.get(op, []) + b.get(op, []))[-MAX_SAMPLES:] for op in a.keys() | b.keys()}
+
+
+# Per-tier counters carried in `MetricsDelta.tier_counts`: `TierStats` field -> (metric, help).
+# hits and misses are one metric, `tier_requests{result=hit|miss}`.
+TIER_COUNTERS = {
+    "hits": ("tier_requests", "Chunk reads asked of a tier, by result (hit, miss)"),
+    "misses": ("tier_requests", ""),
+    "bytes_read": ("tier_read_bytes", "Bytes of chunks read from a tier (hits)"),
+    "bytes_written": ("tier_written_bytes", "Bytes of chunks written to a tier"),
+    "errors": ("tier_errors", "Backend faults of a tier (I/O errors, timeouts, refused requests), "
+                              "each answered as a miss"),
+    "corrupt": ("tier_corrupt", "Values a tier held that failed verification (counted misses, deleted)"),
+}
+RESULT = {"hits": "hit", "misses": "miss"}
 
 
 # Worker-side gauges carried in `MetricsDelta.gauges`: name -> help. Peaks aggregate by maximum.
@@ -141,6 +170,15 @@ class CacheMetrics:
         self.store_seconds = Histogram(PREFIX + "store_seconds",
                                        "Time a step spends copying new chunks out of the engine",
                                        buckets=LATENCY_BUCKETS, registry=r)
+        self.tier_counters = {}
+        for metric, doc in TIER_COUNTERS.values():
+            if metric not in self.tier_counters:
+                labels = ["tier", "result"] if metric == "tier_requests" else ["tier"]
+                self.tier_counters[metric] = Counter(PREFIX + metric, doc, labels, registry=r)
+        self.tier_op_seconds = Histogram(
+            PREFIX + "tier_op_seconds",
+            "Time of one batch operation of a remote tier (op: lookup, get, put; one request or "
+            "pipeline round per chunk batch)", ["tier", "op"], buckets=LATENCY_BUCKETS, registry=r)
         self._server = None
 
     def record_lookup(self, lookup_tokens: int, engine_prefix_tokens: int) -> None:
@@ -177,6 +215,16 @@ class CacheMetrics:
             self.load_seconds.observe(s)
         for s in d.store_seconds:
             self.store_seconds.observe(s)
+        for tier, counts in d.tier_counts.items():
+            for name, n in counts.items():
+                metric, _ = TIER_COUNTERS[name]
+                labels = (tier, RESULT[name]) if name in RESULT else (tier,)
+                self.tier_counters[metric].labels(*labels).inc(n)
+        for tier, ops in d.tier_seconds.items():
+            for op, samples in ops.items():
+                histogram = self.tier_op_seconds.labels(tier, op)
+                for s in samples:
+                    histogram.observe(s)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         """Start the HTTP endpoint (a daemon thread); returns the bound port (useful with 0)."""
@@ -206,7 +254,7 @@ class DeltaTracker:
 
     def __init__(self):
         self._last: dict[str, int] = {}
-        self._evictions: dict[str, int] = {}
+        self._tier_last: dict[tuple[str, str], int] = {}   # (tier, TierStats field) -> last value
         self._load: list[float] = []
         self._store: list[float] = []
         self._gauges: dict[str, int] = {}
@@ -233,11 +281,19 @@ class DeltaTracker:
         self._last = now
         changed = any(getattr(d, c) for c in MetricsDelta.COUNTERS)
         for tier in engine.tiers:
-            ev = tier.stats.evictions
-            if ev != self._evictions.get(tier.name, 0):
-                d.evictions[tier.name] = ev - self._evictions.get(tier.name, 0)
-                self._evictions[tier.name] = ev
-                changed = True
+            for name in ("evictions", *TIER_COUNTERS):
+                now_n = getattr(tier.stats, name)
+                n = now_n - self._tier_last.get((tier.name, name), 0)
+                if n:
+                    self._tier_last[tier.name, name] = now_n
+                    if name == "evictions":
+                        d.evictions[tier.name] = n
+                    else:
+                        d.tier_counts.setdefault(tier.name, {})[name] = n
+                    changed = True
+            seconds = tier.op_times.drain()
+            if seconds:
+                d.tier_seconds[tier.name] = seconds
         if changed or self._gauges_due:
             for tier in engine.tiers:
                 d.tier_used_bytes[tier.name] = tier.used_bytes

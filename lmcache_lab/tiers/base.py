@@ -15,8 +15,10 @@ Invariants:
 from __future__ import annotations
 
 import threading
+import time
 from bisect import bisect_right
-from collections import Counter
+from collections import Counter, deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import accumulate, repeat, takewhile
 from typing import Any, Hashable, Sequence
@@ -47,6 +49,40 @@ class TierStats:
     errors: int = 0     # backend faults (I/O errors, timeouts): counted misses
 
 
+OP_SAMPLES = 256   # durations kept per operation kind between two drains (the newest win)
+
+
+class OpTimes:
+    """Recent durations (seconds) of a tier's operations, by kind ("lookup", "get", "put"), kept
+    until the metrics drain them. Safe to record from several threads (the write-behind's, the
+    engine's): deque appends and pops are atomic. At most OP_SAMPLES per kind are kept."""
+
+    def __init__(self):
+        self._samples: dict[str, deque] = {}
+
+    @contextmanager
+    def timing(self, op: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.record(op, time.perf_counter() - t0)
+
+    def record(self, op: str, seconds: float) -> None:
+        self._samples.setdefault(op, deque(maxlen=OP_SAMPLES)).append(seconds)
+
+    def drain(self) -> dict[str, list[float]]:
+        """The samples recorded since the previous drain, by kind (kinds without any left out)."""
+        out = {}
+        for op, samples in list(self._samples.items()):
+            taken = []
+            while samples:
+                taken.append(samples.popleft())
+            if taken:
+                out[op] = taken
+        return out
+
+
 class BudgetedTier:
     name = "tier"
     encodes = False  # True where the stored size depends on encoding the value (disk, Redis)
@@ -61,6 +97,7 @@ class BudgetedTier:
         self.policy = policy
         self.used_bytes = 0
         self.stats = TierStats()
+        self.op_times = OpTimes()   # filled by tiers that time their operations (remote stores)
         self._sizes: dict[Key, int] = {}
         self._max_nbytes = 1   # >= every resident chunk's size (sizes the eviction batches)
         self._pins: Counter = Counter()

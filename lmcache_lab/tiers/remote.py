@@ -5,10 +5,14 @@ per call. A subclass implements `exists_many`, `get_many` and `put_many`; the si
 operations of `BudgetedTier` are built on them here, so both stores keep the same prefix rule:
 `prefix_length` and `put_chain` stop at the first missing or refused chunk (a child without its
 parent would be an orphan).
+
+Every batch operation a subclass defines is timed into `op_times` ("lookup", "get", "put"), here
+and nowhere else, so every remote store reports the same latency histograms.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import functools
+from typing import Any, Callable, Sequence
 
 from lmcache_lab.tiers.base import BudgetedTier, Key
 
@@ -23,7 +27,24 @@ def leading(flags) -> int:
     return n
 
 
+TIMED = {"exists_many": "lookup", "get_many": "get", "put_many": "put"}   # method -> op_times kind
+
+
+def _timed(op: str, method: Callable) -> Callable:
+    @functools.wraps(method)
+    def timed(self, *args, **kwargs):
+        with self.op_times.timing(op):
+            return method(self, *args, **kwargs)
+    return timed
+
+
 class RemoteTier(BudgetedTier):
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name, op in TIMED.items():
+            if name in vars(cls):
+                setattr(cls, name, _timed(op, vars(cls)[name]))
+
     def exists_many(self, keys: Sequence[Key]) -> list[bool]:
         raise NotImplementedError
 
