@@ -3,7 +3,7 @@
 Engine A stores its prompts' chunks into the bucket. Engine B, a new process with an empty memory
 tier and no disk tier, gets every cached token it reports through S3, and its greedy tokens equal
 A's. Engine C starts after the server is killed: it runs, gets no hit from S3, and its tokens still
-equal A's.
+equal A's. The engines' metrics show where the tokens came from.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 from s3_server import MOTO_SERVER, MotoServer, use_test_credentials  # noqa: E402
-from vllm_e2e import loadable, make_prompts, run_engine  # noqa: E402
+from vllm_e2e import free_port, loadable, make_prompts, run_engine  # noqa: E402
 
 pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(MOTO_SERVER is None, reason="moto_server not installed (moto[server])")]
@@ -30,24 +30,38 @@ def test_engines_share_chunks_through_a_bucket_and_only_miss_when_it_is_gone(tin
     server = MotoServer(tmp_path / "moto")
     try:
         server.create_bucket("cache")
-        config = {"chunk_size": CHUNK, "tiers": {"cpu": {"capacity_bytes": "64MiB"}, "s3": {
+        tiers = {"cpu": {"capacity_bytes": "64MiB"}, "s3": {
             "url": "s3://cache/e2e", "endpoint_url": server.endpoint_url, "timeout_s": 2.0,
-            "backoff_max_s": 0.5}}}
-        spec = {"model": tiny_model, "dtype": "float32", "connector": config,
-                "ops": [{"op": "generate", "prompts": [PROMPTS[n] for n in NAMES], "max_tokens": 8,
-                         "reset_each": True}]}
-        first = run_engine(spec, False, tmp_path / "first")["results"][0]
+            "backoff_max_s": 0.5}}
+
+        def engine(name: str) -> tuple[dict, dict]:
+            """One engine process: its generate result and its metrics scraped after it."""
+            port = free_port()
+            spec = {"model": tiny_model, "dtype": "float32",
+                    "connector": {"chunk_size": CHUNK, "tiers": tiers, "metrics": {"port": port}},
+                    "ops": [{"op": "generate", "prompts": [PROMPTS[n] for n in NAMES], "max_tokens": 8,
+                             "reset_each": True}, {"op": "scrape", "port": port}]}
+            generated, metrics = run_engine(spec, False, tmp_path / name)["results"]
+            return generated, metrics
+
+        first, _ = engine("first")
         assert first["num_cached_tokens"] == [0, 256, 0, 0]   # diverge shares long's first chunk
         assert server.count_objects("cache", "e2e/") == 5     # long 2 chunks, diverge 1 new, exact 2
 
-        second = run_engine(spec, False, tmp_path / "second")["results"][0]
+        second, metrics = engine("second")
         assert second["num_cached_tokens"] == [loadable(len(PROMPTS[n]), CHUNK) for n in NAMES] \
             == [512, 512, 256, 0]
         assert second["tokens"] == first["tokens"]
+        # long's 2 chunks and exact's 2 come from S3; diverge's one from the promoted copy in memory
+        assert metrics['lmcache_lab_tier_requests_total{result="hit",tier="s3"}'] == 4
+        assert metrics['lmcache_lab_tier_op_seconds_count{op="get",tier="s3"}'] >= 1
 
         server.kill()
-        third = run_engine(spec, False, tmp_path / "third")["results"][0]
+        third, metrics = engine("third")
         assert third["num_cached_tokens"] == first["num_cached_tokens"]   # only its own memory tier
         assert third["tokens"] == first["tokens"]
+        assert metrics["lmcache_lab_hit_tokens_total"] == 256             # looked up, missed in S3
+        assert metrics["lmcache_lab_lookup_tokens_total"] >= 512 + 512 + 256
+        assert metrics.get('lmcache_lab_tier_requests_total{result="hit",tier="s3"}', 0) == 0
     finally:
         server.kill()
