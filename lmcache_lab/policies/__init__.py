@@ -1,6 +1,6 @@
 """Eviction policies, selected by name from config (`policy: {name: lfu, ...params}`).
 
-Online: lru, lfu, s3fifo, sieve, arc, cost_aware, hyperbolic. Offline (trace replay only, they read the
+Online: lru, lfu, s3fifo, sieve, arc, cost_aware, hyperbolic, lhd, learned. Offline (trace replay only, they read the
 future): belady, belady_prefix.
 """
 from lmcache_lab.policies.arc import ARCPolicy
@@ -9,12 +9,15 @@ from lmcache_lab.policies.belady import BeladyPolicy, PrefixBeladyPolicy
 from lmcache_lab.policies.cost_aware import CostAwarePolicy
 from lmcache_lab.policies.hyperbolic import HyperbolicPolicy
 from lmcache_lab.policies.lfu import LFUPolicy
+from lmcache_lab.policies.learned import LearnedPolicy
+from lmcache_lab.policies.lhd import HitDensityPolicy
 from lmcache_lab.policies.lru import LRUPolicy
 from lmcache_lab.policies.s3fifo import S3FIFOPolicy
 from lmcache_lab.policies.sieve import SievePolicy
 
 POLICIES: dict[str, type[EvictionPolicy]] = {
     cls.name: cls for cls in (LRUPolicy, LFUPolicy, S3FIFOPolicy, SievePolicy, ARCPolicy, CostAwarePolicy, HyperbolicPolicy,
+                              HitDensityPolicy, LearnedPolicy,
                               BeladyPolicy, PrefixBeladyPolicy)
 }
 OFFLINE = {name for name, cls in POLICIES.items() if cls.offline}

@@ -1,0 +1,175 @@
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+
+import numpy as np
+
+from lmcache_lab.policies.sampled import NO_GAP, ChunkInfo, ScoredPolicy
+
+STATIC = ("bias", "tail", "uses", "depth", "cont", "segment", "length", "gap", "no_gap")
+AGED = ("bias", "tail", "used", "cont")      # multiplied by log(1 + age)
+
+
+def static_features(info: ChunkInfo) -> list[float]:
+    """Features fixed between two uses of a chunk (order: `STATIC`)."""
+    return [1.0, float(info.tail), math.log1p(info.uses), math.log1p(info.depth), float(info.cont),
+            math.log1p(info.segment), math.log1p(info.length),
+            math.log1p(info.gap) if info.gap != NO_GAP else 0.0, float(info.gap == NO_GAP)]
+
+
+def aged_features(info: ChunkInfo) -> list[float]:
+    """Features whose weight is per unit of log(1 + age) (order: `AGED`)."""
+    return [1.0, float(info.tail), float(info.uses > 0), float(info.cont)]
+
+
+def features(info: ChunkInfo, age: int) -> list[float]:
+    la = math.log1p(age)
+    return static_features(info) + [la * z for z in aged_features(info)]
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, ridge: float = 1.0, iterations: int = 8) -> np.ndarray:
+    """Weights of an L2-regularised logistic regression, by Newton's method (IRLS):
+    w <- w + (X'WX + ridge I)^-1 (X'(y - p) - ridge w), W = diag(p(1 - p)). O(n d^2) per step."""
+    w = np.zeros(x.shape[1])
+    eye = ridge * np.eye(x.shape[1])
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-np.clip(x @ w, -30, 30)))
+        grad = x.T @ (y - p) - ridge * w
+        hess = (x * (p * (1 - p))[:, None]).T @ x + eye
+        w = w + np.linalg.solve(hess, grad)
+    return w
+
+
+class LearnedPolicy(ScoredPolicy):
+    """Evict the leaf least likely to be used again soon, as predicted by an online model
+    (in the spirit of LRB: Song, Berger, Li & Lloyd, "Learning Relaxed Belady for Content
+    Distribution Network Caching", NSDI'20).
+
+    Training data, past only: at the start of each request `samples_per_request` resident leaves
+    are drawn (seeded) and their features recorded (`features`: what the chain showed at the last
+    use, and the age since it). The label is 1 if a request uses the chunk (hit, or stores it
+    again after an eviction) within `horizon` requests of the draw, 0 once the horizon has passed
+    without a use. The horizon is the cache's size in requests (LRB's Belady boundary, estimated):
+    resident chunks / mean new chunks stored per request, read at the draw.
+
+    Model: logistic regression on `STATIC` features plus `AGED` features times log(1 + age),
+    refitted by `fit_logistic` every `retrain_every` new labels on the latest `window` labels.
+    The logit of a chunk is then `b + g * log(1 + age)` with `b`, `g` fixed between its uses, so
+    scoring a sampled leaf costs a few multiplications; `b`, `g` are recomputed when the model
+    changed since they were cached. The victim is the lowest predicted reuse probability per byte
+    among `samples` sampled leaves (`ScoredPolicy`). Until the first fit, the oldest sampled leaf.
+
+    Cost: a fit is O(window * d^2) (d = 13), `training_seconds` and `fits` report it; per request
+    O(samples_per_request + labels resolved), per eviction O(samples).
+    """
+    name = "learned"
+
+    def __init__(self, chunk_tokens: int = 256, samples: int = 32, seed: int = 0, samples_per_request: int = 4,
+                 retrain_every: int = 2000, window: int = 20000, ridge: float = 1.0, **params):
+        super().__init__(chunk_tokens, samples, seed, **params)
+        if samples_per_request < 1 or retrain_every < 1 or window < retrain_every or ridge < 0:
+            raise ValueError(f"policy 'learned': need samples_per_request >= 1, retrain_every >= 1, "
+                             f"window >= retrain_every, ridge >= 0; got {samples_per_request}, {retrain_every}, "
+                             f"{window}, {ridge}")
+        self.samples_per_request, self.retrain_every, self.window, self.ridge = samples_per_request, retrain_every, window, ridge
+        self.weights: tuple[list[float], list[float]] | None = None   # (static, aged) weights
+        self.version = 0
+        self.fits = 0
+        self.training_seconds = 0.0
+        self._inserts_per_request = 1.0      # EWMA of new chunks stored per request
+        self._inserts = 0
+        self._pending: dict = {}             # key -> [(deadline, row index)] awaiting a label
+        self._expiry: deque = deque()        # (deadline, key, row index) in draw order
+        self._rows: dict[int, list[float]] = {}   # row index -> features at the draw
+        self._next_row = 0
+        self._labels: dict[int, float] = {}  # row index -> label
+        self._labeled: deque = deque()       # row indices in labelling order
+        self._new_labels = 0
+
+    # ---- labels ---------------------------------------------------------------------------------
+    def horizon(self) -> float:
+        """The cache's size in requests: resident chunks / new chunks per request (EWMA)."""
+        return max(1.0, len(self.info) / max(self._inserts_per_request, 1e-9))
+
+    def _label(self, row: int, y: float) -> None:
+        self._labels[row] = y
+        self._labeled.append(row)
+        self._new_labels += 1
+
+    def _seen_again(self, key) -> None:
+        waiting = self._pending.pop(key, None)
+        if waiting:
+            for deadline, row in waiting:
+                if row not in self._labels:
+                    self._label(row, 1.0 if self.now <= deadline else 0.0)
+
+    def _request_started(self):
+        now = self.now
+        self._inserts_per_request += 0.01 * (self._inserts - self._inserts_per_request)
+        self._inserts = 0
+        expiry, labels = self._expiry, self._labels
+        while expiry and expiry[0][0] < now:
+            _, key, row = expiry.popleft()
+            if row not in labels:
+                self._label(row, 0.0)
+            waiting = self._pending.get(key)
+            if waiting and waiting[0][1] == row:
+                waiting.pop(0)
+                if not waiting:
+                    del self._pending[key]
+        leaves, info = self._leaves, self.info
+        if leaves:
+            deadline = now + self.horizon()
+            for _ in range(self.samples_per_request):
+                key = leaves[self._rng.randrange(len(leaves))]
+                row = self._next_row = self._next_row + 1
+                self._rows[row] = features(info[key], now - info[key].last)
+                self._pending.setdefault(key, []).append((deadline, row))
+                self._expiry.append((deadline, key, row))
+        if self._new_labels >= self.retrain_every:
+            self.retrain()
+
+    def retrain(self) -> None:
+        """Fit the model on the latest `window` labels (rows no longer needed are dropped)."""
+        t0 = time.perf_counter()
+        while len(self._labeled) > self.window:
+            row = self._labeled.popleft()
+            del self._labels[row], self._rows[row]
+        rows = list(self._labeled)
+        y = np.fromiter((self._labels[r] for r in rows), dtype=np.float64, count=len(rows))
+        if 0 < y.sum() < len(y):
+            x = np.asarray([self._rows[r] for r in rows], dtype=np.float64)
+            w = fit_logistic(x, y, self.ridge)
+            self.weights = (w[:len(STATIC)].tolist(), w[len(STATIC):].tolist())
+            self.version += 1
+            self.fits += 1
+        self._new_labels = 0
+        self.training_seconds += time.perf_counter() - t0
+
+    def training_report(self) -> str:
+        return f"fits={self.fits} training_s={self.training_seconds:.2f}"
+
+    # ---- hooks ----------------------------------------------------------------------------------
+    def _stored(self, key, info):
+        self._inserts += 1
+        self._seen_again(key)
+
+    def _used(self, key, info, age):
+        self._seen_again(key)
+
+    def _score(self, info, now):
+        w = self.weights
+        if w is None:
+            return info.last - now
+        cached = info.cache
+        if cached is None or cached[0] != self.version:
+            b = sum(a * c for a, c in zip(w[0], static_features(info)))
+            g = sum(a * c for a, c in zip(w[1], aged_features(info)))
+            cached = info.cache = (self.version, b, g)
+        logit = cached[1] + cached[2] * math.log1p(now - info.last)
+        return (1.0 / (1.0 + math.exp(-logit)) if logit > -30.0 else 0.0) / info.nbytes
+
+    def _touched(self, key, info):
+        info.cache = None

@@ -1,0 +1,102 @@
+"""Hit density (`lhd`) and the learned reuse predictor (`learned`): known answers of their parts,
+what they learn from hand-made traces, and a loop where LRU gets nothing. (Determinism, tail-first
+and pins under random operations: the parametrized tests of test_policies*.py cover them.)"""
+import math
+
+import numpy as np
+import pytest
+
+from lmcache_lab.cost import LLAMA3_8B
+from lmcache_lab.experiments.replay import replay, replay_tier
+from lmcache_lab.experiments.trace import TraceRequest
+from lmcache_lab.policies import make_policy
+from lmcache_lab.policies.learned import STATIC, fit_logistic
+from lmcache_lab.policies.lhd import chunk_class, hit_density
+from lmcache_lab.policies.sampled import ChunkInfo
+
+BLOCK = 512 * LLAMA3_8B.kv_bytes_per_token
+
+
+def requests(chains):
+    return [TraceRequest(float(i), 512 * len(c), 1, tuple(c)) for i, c in enumerate(chains)]
+
+
+def run(chains, policy, capacity_blocks):
+    reqs = requests(chains)
+    tier = replay_tier(reqs, policy, capacity_blocks * BLOCK)
+    return int(replay(reqs, tier, LLAMA3_8B).hit_blocks.sum())
+
+
+def test_hit_density_known_answer():
+    # one class, ages 0..2: two hits at age 1, two evictions at age 2
+    hits, evictions = np.array([[0.0, 2.0, 0.0]]), np.array([[0.0, 0.0, 2.0]])
+    hd = hit_density(hits, evictions)[0]
+    # HD(a) = hits at ages >= a / sum_{x >= a} (x - a + 1) * events(x)
+    assert hd.tolist() == pytest.approx([2 / (2 * 2 + 3 * 2), 2 / (1 * 2 + 2 * 2), 0.0])
+
+
+def test_hit_density_prior_pulls_a_sparse_class_to_the_average():
+    hits = np.array([[0.0, 4.0], [0.0, 0.0]])
+    evictions = np.array([[0.0, 4.0], [0.0, 0.0]])
+    hd = hit_density(hits, evictions, prior=1.0)
+    overall = hit_density(hits.sum(0, keepdims=True), evictions.sum(0, keepdims=True))[0]
+    assert hd[1].tolist() == pytest.approx(overall.tolist())   # no evidence: the average
+
+
+def test_fit_logistic_recovers_the_log_odds():
+    x = np.ones((400, 1))
+    y = np.r_[np.ones(100), np.zeros(300)]
+    (w,) = fit_logistic(x, y, ridge=0.0)
+    assert w == pytest.approx(math.log(100 / 300), abs=1e-9)
+
+
+def sessions(n, body=3, seed=0):
+    """Requests of chains root/body.../tail: each body is asked twice (the second time with a
+    different tail block, as a prompt whose last partial block grew), tails never again."""
+    rng = np.random.default_rng(seed)
+    chains, nid = [], 1000
+    for s in range(n):
+        stem = [s * 100 + i for i in range(body)]
+        for _ in range(2):
+            chains.append(stem + [nid])
+            nid += 1
+    order = rng.permutation(len(chains))
+    return [chains[i] for i in order]
+
+
+def test_lhd_learns_that_request_tails_have_no_hit_density():
+    p = make_policy("lhd", 512, reconfigure_every=5, prior=0.0)
+    run(sessions(300), p, capacity_blocks=60)
+    assert p.density is not None
+    tail, body = ChunkInfo(0, depth=2, nbytes=1), ChunkInfo(0, depth=2, nbytes=1)
+    tail.tail = True
+    tail_cls, body_cls = chunk_class(tail), chunk_class(body)
+    assert max(p.density[tail_cls]) < min(p.density[body_cls][:8])
+
+
+def test_learned_model_gives_request_tails_a_negative_weight():
+    p = make_policy("learned", 512, retrain_every=200, window=2000)
+    run(sessions(300), p, capacity_blocks=60)
+    assert p.fits > 0 and p.training_seconds > 0
+    static, _ = p.weights
+    assert static[STATIC.index("tail")] < 0
+
+
+@pytest.mark.parametrize("name", ["lhd", "learned"])
+def test_a_loop_longer_than_the_cache_gets_hits_where_lru_gets_none(name):
+    """20 one-block chains asked in a cycle, a cache of 10 blocks: LRU always evicts the chain
+    asked next (0 hits after the first pass). Any policy that keeps some chunks past one cycle
+    hits; both learn that old chunks are the ones about to be used."""
+    loop = [[k] for k in range(20)] * 30
+    assert run(loop, make_policy("lru", 512), 10) == 0
+    assert run(loop, make_policy(name, 512, reconfigure_every=5) if name == "lhd"
+               else make_policy(name, 512, retrain_every=50, window=500), 10) > 0
+
+
+def test_bad_parameters_are_named():
+    with pytest.raises(ValueError, match="policy 'lhd'"):
+        make_policy("lhd", decay=0)
+    with pytest.raises(ValueError, match="policy 'learned'"):
+        make_policy("learned", window=1, retrain_every=10)
+    with pytest.raises(ValueError, match="samples must be >= 1"):
+        make_policy("lhd", samples=0)
