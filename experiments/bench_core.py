@@ -8,14 +8,18 @@
      with C-level batches and no classes, each checked to keep the same cache as the replay:
      the dict work of a budgeted LRU tier (`inline_tier_lru_loop`: sizes, values and a recency
      order), and the replay's per-request protocol on one index (`one_index_lru_loop`), which
-     shows what that protocol costs before any tier or class adds to it.
+     shows what that protocol costs before any tier or class adds to it;
+  3. with --mac, the store secret's cost per 1 and 8 MiB chunk: HMAC-SHA256 and keyed BLAKE2b
+     (the candidate MACs) and `wire.decode` with the MAC, each against `wire.decode` without it
+     (the read path every chunk already pays: checksum and header checks).
 
-    python -m lmcache_lab.experiments.bench_core [--trace PATH] [--repeat 3]
+    python -m lmcache_lab.experiments.bench_core [--trace PATH] [--repeat 3] [--mac]
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import hmac
 import json
 import time
 from collections import OrderedDict, deque
@@ -23,7 +27,9 @@ from itertools import chain, islice, repeat, takewhile
 from typing import Sequence
 
 import numpy as np
+import torch
 
+from lmcache_lab import wire
 from lmcache_lab.cost import LLAMA3_8B
 from lmcache_lab.experiments.replay import replay, replay_tier
 from lmcache_lab.experiments.trace import load_trace, unique_blocks
@@ -62,6 +68,37 @@ def bench_hashing(num_tokens: int = 32768, chunk_size: int = 256, repeat: int = 
         out[f"{h}_us_per_chunk"] = t / chunks * 1e6
         out[f"{h}_speedup"] = base / t
     return out
+
+
+def bench_mac(sizes_mib: Sequence[int] = (1, 8), repeat: int = 5) -> dict:
+    """Microseconds per chunk of each MAC candidate and of the read path with and without it."""
+    key, mac = b"k" * 32, wire.mac_key(b"bench secret of 32 bytes........")
+    out = {}
+    for mib in sizes_mib:
+        kv = {"kv": torch.randint(0, 255, (mib * 2**20,), dtype=torch.uint8)}
+        plain, signed = bytes(wire.encode(key, kv)), bytes(wire.encode(key, kv, mac_key=mac))
+        payload = memoryview(plain)[wire._PREFIX.size:]
+        runs = {
+            "decode": lambda: wire.decode(plain, key),
+            "decode_mac": lambda: wire.decode(signed, key, mac_key=mac),
+            "hmac_sha256": lambda: hmac.new(mac, payload, "sha256").digest(),
+            "blake2b": lambda: hashlib.blake2b(payload, key=mac, digest_size=32).digest(),
+        }
+        times = {name: best_of(fn, repeat) for name, fn in runs.items()}
+        for name, t in times.items():
+            out[f"{mib}MiB_{name}_us"] = t * 1e6
+            out[f"{mib}MiB_{name}_vs_decode"] = t / times["decode"]
+    return out
+
+
+def print_mac(m: dict, sizes_mib: Sequence[int], repeat: int) -> None:
+    print(f"\nstore secret, per chunk (best of {repeat}); ratio against wire.decode without a MAC:")
+    for mib in sizes_mib:
+        for name, label in (("decode", "wire.decode, no secret"), ("decode_mac", "wire.decode with the MAC"),
+                            ("hmac_sha256", "HMAC-SHA256 of the payload"), ("blake2b", "keyed BLAKE2b of it")):
+            us = m[f"{mib}MiB_{name}_us"]
+            print(f"  {mib} MiB  {label:<28} {us:>9,.0f} us  {mib * 2**20 / us / 1e3:>6.2f} GB/s  "
+                  f"{m[f'{mib}MiB_{name}_vs_decode']:>6.2f}x")
 
 
 def bare_lru_loop(requests, capacity_blocks: int) -> float:
@@ -204,12 +241,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--fraction", type=float, default=0.05, help="capacity, fraction of unique blocks")
     ap.add_argument("--skip-hashing", action="store_true")
+    ap.add_argument("--mac", action="store_true", help="also measure the store secret's MAC per chunk")
     ap.add_argument("--policies", default=",".join(POLICIES), help="comma-separated (default: all)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     h = {} if args.skip_hashing else bench_hashing(repeat=args.repeat)
     if h:
         print_hashing(h, args.repeat)
+    m = bench_mac(repeat=args.repeat) if args.mac else {}
+    if m:
+        print_mac(m, (1, 8), args.repeat)
     policies = [name for name in args.policies.split(",") if name]
     unknown = sorted(set(policies) - set(POLICIES))
     if unknown:
@@ -227,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{r['one_index_lru_vs_bare']:>5.2f}x   (reference: no tier, no classes)")
     for name in policies:
         print(f"  replay {name:<22}  {r[name + '_req_per_s']:>12,.0f} req/s  {r[name + '_vs_bare']:>5.2f}x")
-    result = {"hashing": h, "replay": r}
+    result = {"hashing": h, "mac": m, "replay": r}
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=2)

@@ -14,6 +14,7 @@ Hydra's composed config and from the vLLM connector's `kv_connector_extra_config
     metrics: {port: null, host: 127.0.0.1}         # off while port is null
     write_behind: {max_bytes: 256MiB}              # pending writes to disk/Redis; beyond: skipped
     lookup_timeout_s: 2.0                          # vLLM scheduler's wait for a lookup; then a miss
+    store_secret: null        # a literal, file:/path or env:NAME; authenticates shared tiers' values
 
 Invariants are checked in `__post_init__`, so an invalid value fails at start-up with one
 `ConfigError` that names the key and what is allowed.
@@ -21,6 +22,7 @@ Invariants are checked in `__post_init__`, so an invalid value fails at start-up
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import os
 import re
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 HASHES = ("xxh3_128", "sha256")
+MIN_SECRET_BYTES = 16
 CODECS = ("none", "int8", "fp8")
 ENV_PREFIX = "LMCACHE_LAB_"
 
@@ -59,6 +62,59 @@ def parse_size(value: int | float | str, key: str = "size") -> int:
 def _check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(allowed)}")
+
+
+class StoreSecret:
+    """A deployment's store secret, resolved at load time. Neither its repr nor its str shows the
+    value (only where it came from), so a config printed, logged or dumped with `default=str`
+    never leaks it; `reveal()` is the one way to the bytes."""
+    __slots__ = ("_value", "source")
+
+    def __init__(self, value: bytes, source: str):
+        self._value = value
+        self.source = source
+
+    def reveal(self) -> bytes:
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"StoreSecret(<{len(self._value)} bytes from {self.source}>)"
+
+    __str__ = __repr__
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, StoreSecret) and hmac.compare_digest(self._value, other._value)
+
+    __hash__ = None
+
+
+def resolve_secret(spec: Any) -> StoreSecret | None:
+    """`store_secret` as given -> the secret: `file:/path` (the file's bytes, one trailing line end
+    dropped), `env:NAME` (that environment variable), anything else the literal string. At least
+    MIN_SECRET_BYTES bytes. Errors name the source, never the value."""
+    if spec is None or isinstance(spec, StoreSecret):
+        return spec
+    if not isinstance(spec, str):
+        raise ConfigError(f"store_secret: expected a string (a literal, file:/path or env:NAME), "
+                          f"got a {type(spec).__name__}")
+    if spec.startswith("file:"):
+        source = spec
+        try:
+            value = Path(spec[5:]).read_bytes()
+        except OSError as e:
+            raise ConfigError(f"store_secret: cannot read the secret file {spec[5:]!r}: {e.strerror}") from None
+        value = value.removesuffix(b"\n").removesuffix(b"\r")   # the line end an editor adds
+    elif spec.startswith("env:"):
+        source = spec
+        if spec[4:] not in os.environ:
+            raise ConfigError(f"store_secret: the environment variable {spec[4:]!r} is not set")
+        value = os.environ[spec[4:]].encode()
+    else:
+        source, value = "a literal", spec.encode()
+    if len(value) < MIN_SECRET_BYTES:
+        raise ConfigError(f"store_secret: the secret from {source} has {len(value)} bytes; use at least "
+                          f"{MIN_SECRET_BYTES} (e.g. the output of `openssl rand -hex 32`)")
+    return StoreSecret(value, source)
 
 
 @dataclass
@@ -248,8 +304,13 @@ class CacheConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     write_behind: WriteBehindConfig = field(default_factory=WriteBehindConfig)
     lookup_timeout_s: float = 2.0
+    # With a secret, chunk keys are rooted in it and every value in a shared tier (disk, Redis, S3)
+    # carries a MAC under it (docs/security.md). Never serialized by `to_dict`: processes get it
+    # from their own config file or environment (LMCACHE_LAB_STORE_SECRET=file:/path).
+    store_secret: StoreSecret | None = field(default=None, repr=False)
 
     def __post_init__(self):
+        self.store_secret = resolve_secret(self.store_secret)
         if isinstance(self.lookup_timeout_s, bool) or not isinstance(self.lookup_timeout_s, (int, float)) \
                 or self.lookup_timeout_s <= 0:
             raise ConfigError(f"lookup_timeout_s: must be a number of seconds > 0, got {self.lookup_timeout_s!r}")
@@ -269,7 +330,9 @@ class CacheConfig:
         return cls.from_dict(_read_yaml(path))
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain data that `from_dict` reads back, less `store_secret` (never serialized)."""
         data = dataclasses.asdict(self)
+        data.pop("store_secret")
         policy = data.pop("policy")
         data["policy"] = {"name": policy["name"], **policy["params"]}
         return data

@@ -10,6 +10,11 @@ always a multiple of `chunk_size`; the trailing partial chunk is always recomput
 A chunk's KV is one tensor per chunk (for the kernels' layout `[2, layers, chunk_size, heads*dim]`;
 the engine does not look inside). The codec turns it into stored tensors and back.
 
+Store secret (config `store_secret`): the keyer roots every chunk key in it and every tier that
+stores encoded values (disk, Redis, S3: the ones other processes can write) gets its MAC key, so
+values are authenticated on write and verified on read; a tier that cannot authenticate its values
+is refused at start-up rather than left open. docs/security.md.
+
 Threads: every method may be called from several threads at once (a lookup server, the engine
 step, a write-behind thread). Each tier is guarded by its own lock (`TieredStore`), the statistics
 by another; no lock is held across two tiers, so slow disk or Redis I/O never blocks the memory
@@ -24,8 +29,9 @@ from typing import Sequence
 
 import torch
 
+from lmcache_lab import wire
 from lmcache_lab.codecs import get_codec
-from lmcache_lab.config import CacheConfig, load_config
+from lmcache_lab.config import CacheConfig, ConfigError, load_config
 from lmcache_lab.keys import ChunkKeyer, Identity, Namespace
 from lmcache_lab.tiers import BudgetedTier, TieredStore, build_tiers, payload_nbytes
 
@@ -47,6 +53,17 @@ class EngineStats:
         return asdict(self)
 
 
+def authenticate(tiers: Sequence[BudgetedTier], mac_key: bytes) -> None:
+    """Give every tier that stores encoded values the MAC key (its `mac_key` attribute); a
+    ConfigError names the first such tier that has none."""
+    for tier in tiers:
+        if tier.encodes:
+            if not hasattr(tier, "mac_key"):
+                raise ConfigError(f"store_secret: the {tier.name} tier cannot authenticate its values; "
+                                  f"turn it off or run without store_secret")
+            tier.mac_key = mac_key
+
+
 class CacheEngine:
     def __init__(self, config: CacheConfig | dict | str | None = None, namespace: Namespace | None = None,
                  tiers: Sequence[BudgetedTier] | None = None):
@@ -55,9 +72,16 @@ class CacheEngine:
         if self.namespace.codec != self.config.codec:
             raise ValueError(f"namespace.codec {self.namespace.codec!r} != codec {self.config.codec!r}")
         self.chunk_size = self.config.chunk_size
-        self.keyer = ChunkKeyer(self.namespace, self.chunk_size, self.config.hash)
+        secret = self.config.store_secret.reveal() if self.config.store_secret else None
+        self.keyer = ChunkKeyer(self.namespace, self.chunk_size, self.config.hash, secret)
         self.codec = get_codec(self.config.codec)
         self.store_ = TieredStore(build_tiers(self.config) if tiers is None else tiers)
+        if secret is not None:
+            try:
+                authenticate(self.store_.tiers, wire.mac_key(secret))
+            except ConfigError:
+                self.store_.close()
+                raise
         self.stats = EngineStats()
         self._stats_lock = threading.Lock()
 

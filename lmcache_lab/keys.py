@@ -1,6 +1,7 @@
 """Chunk keys: tokens -> full chunks -> chained 128-bit content hashes.
 
     root   = H(namespace)                 namespace = everything engine-side that makes KV differ
+    root   = H(K || namespace)            with a store secret: K = HMAC-SHA256(secret, label)
     h_{-1} = root, then for each (tag, value) of the request's identity, in order:
              h_{-1} = H(h_{-1} || "id" || len(tag) || tag || len(value) || value)
     h_i    = H(h_{i-1} || tokens_i)       tokens_i = the i-th chunk as little-endian uint32
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import array
 import hashlib
+import hmac
 import json
 import struct
 import sys
@@ -58,6 +60,15 @@ def _hasher(name: str):
     raise ValueError(f"hash: {name!r} is not allowed; choose one of xxh3_128, sha256")
 
 
+def namespace_root(namespace: Namespace, hash: str = "sha256", secret: bytes | None = None) -> bytes:
+    """The chain root of a namespace: H(seed), or H(K || seed) with K derived from the store
+    secret by HMAC-SHA256 with a fixed label (independent of the values' MAC key)."""
+    seed = namespace.seed()
+    if secret is not None:
+        seed = hmac.digest(secret, b"lmcache_lab key namespace", "sha256") + seed
+    return _hasher(hash)(seed)
+
+
 assert array.array("I").itemsize == 4, "token hashing expects 4-byte unsigned ints"
 
 
@@ -86,15 +97,16 @@ def token_bytes(tokens: Sequence[int] | np.ndarray) -> bytes:
 
 
 class ChunkKeyer:
-    """Computes the chained keys of a token sequence for one namespace."""
+    """Computes the chained keys of a token sequence for one namespace (and store secret)."""
 
-    def __init__(self, namespace: Namespace, chunk_size: int = 256, hash: str = "sha256"):
+    def __init__(self, namespace: Namespace, chunk_size: int = 256, hash: str = "sha256",
+                 secret: bytes | None = None):
         assert chunk_size > 0
         self.namespace = namespace
         self.chunk_size = chunk_size
         self.hash_name = hash
         self._h = _hasher(hash)
-        self.root = self._h(namespace.seed())
+        self.root = namespace_root(namespace, hash, secret)
 
     def num_full_chunks(self, num_tokens: int) -> int:
         return num_tokens // self.chunk_size

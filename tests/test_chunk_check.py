@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import xxhash
 
 from lmcache_lab import wire
 from lmcache_lab.tiers.chunk_check import check_value, layout_nbytes, layout_of, value_cap
@@ -39,3 +40,37 @@ def test_each_kind_of_bad_value_is_refused_with_a_reason():
     for name, data in cases.items():
         tensors, why = check_value(data, KEY, cap, LAYOUT)
         assert tensors is None and why, name
+
+
+
+MAC = wire.mac_key(b"s" * 32)
+
+
+def _forge(value: bytes, pos: int) -> bytes:
+    """Flip byte `pos` and fix the unkeyed checksum up, as anyone who can write the store can."""
+    out = bytearray(value)
+    out[pos] ^= 1
+    out[10:18] = xxhash.xxh3_64_intdigest(bytes(out[wire._PREFIX.size:])).to_bytes(8, "little")
+    return bytes(out)
+
+
+def test_with_a_mac_key_only_values_written_with_it_pass():
+    cap = value_cap(LAYOUT, 4096)
+    good = bytes(wire.encode(KEY, KV, mac_key=MAC))
+    tensors, why = check_value(good, KEY, cap, LAYOUT, MAC)
+    assert why is None and torch.equal(tensors["kv"], KV["kv"])
+    cases = [
+        ("written without a secret", wire.encode(KEY, KV), "no MAC"),
+        ("written with another secret", wire.encode(KEY, KV, mac_key=wire.mac_key(b"t" * 32)), "wrong MAC"),
+        ("tag byte changed", _forge(good, wire._SIGNED.size), "wrong MAC"),
+        ("header byte changed", _forge(good, wire._PREFIX.size + 10), "wrong MAC"),
+        ("payload byte changed", _forge(good, len(good) - 1), "wrong MAC"),
+    ]
+    for name, data, expected in cases:
+        tensors, why = check_value(bytes(data), KEY, cap, LAYOUT, MAC)
+        assert tensors is None and why.startswith(expected), (name, why)
+
+
+def test_a_reader_without_a_mac_key_refuses_tagged_values():
+    tensors, why = check_value(bytes(wire.encode(KEY, KV, mac_key=MAC)), KEY, value_cap(LAYOUT, 0), LAYOUT)
+    assert tensors is None and why.startswith("has a MAC")

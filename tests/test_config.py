@@ -56,3 +56,44 @@ def test_yaml_env_and_overrides_compose(tmp_path):
 def test_env_value_errors_name_the_key():
     with pytest.raises(ConfigError, match="chunk_size"):
         load_config(None, environ={"LMCACHE_LAB_CHUNK_SIZE": "-3"})
+
+
+SECRET = "correct-horse-battery-staple-42"
+
+
+def test_store_secret_from_a_literal_a_file_or_the_environment(tmp_path, monkeypatch):
+    (tmp_path / "secret").write_text(SECRET + "\n")
+    monkeypatch.setenv("CACHE_SECRET", SECRET)
+    for spec in (SECRET, f"file:{tmp_path / 'secret'}", "env:CACHE_SECRET"):
+        cfg = CacheConfig.from_dict({"store_secret": spec})
+        assert cfg.store_secret.reveal() == SECRET.encode()
+    assert CacheConfig().store_secret is None
+    # LMCACHE_LAB_STORE_SECRET reaches every process that loads its config from the environment
+    env = {"LMCACHE_LAB_STORE_SECRET": "env:CACHE_SECRET"}
+    assert load_config({}, environ=env).store_secret.reveal() == SECRET.encode()
+
+
+def test_store_secret_is_never_shown(monkeypatch):
+    import dataclasses
+    import json
+
+    monkeypatch.setenv("CACHE_SECRET", SECRET)
+    for spec in (SECRET, "env:CACHE_SECRET"):
+        cfg = CacheConfig.from_dict({"store_secret": spec})
+        shown = [repr(cfg), str(cfg), str(cfg.to_dict()), repr(cfg.store_secret),
+                 json.dumps(dataclasses.asdict(cfg), default=str)]
+        assert not any(SECRET in text for text in shown)
+        assert "store_secret" not in cfg.to_dict()
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ("short", "store_secret: the secret from a literal has 5 bytes; use at least 16"),
+    ("file:/nonexistent/secret", "store_secret: cannot read the secret file '/nonexistent/secret'"),
+    ("env:LMCACHE_LAB_TEST_UNSET_SECRET", "store_secret: the environment variable "
+                                          "'LMCACHE_LAB_TEST_UNSET_SECRET' is not set"),
+    (12345678901234567890, "store_secret: expected a string (a literal, file:/path or env:NAME), got a int"),
+])
+def test_invalid_store_secrets_name_the_source_never_the_value(spec, needle):
+    with pytest.raises(ConfigError) as e:
+        CacheConfig.from_dict({"store_secret": spec})
+    assert needle in str(e.value) and "12345678901234567890" not in str(e.value)

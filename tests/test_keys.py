@@ -96,3 +96,13 @@ def test_request_identity_seeds_the_chain_and_its_fields_cannot_stand_for_each_o
         keyer.request_root((("cache_salt", "y"), ("lora", "x")))
     with pytest.raises(ValueError):
         keyer.request_root((("lora", 3),))
+
+
+@pytest.mark.parametrize("hash_name", ["xxh3_128", "sha256"])
+def test_a_store_secret_roots_every_key(hash_name):
+    """Deployments with different secrets (or none) share no key; the same secret gives the same keys."""
+    toks = list(range(12))
+    keys = {secret: ChunkKeyer(NS, 4, hash_name, secret).keys(toks) for secret in (None, b"a" * 16, b"b" * 16)}
+    assert ChunkKeyer(NS, 4, hash_name, b"a" * 16).keys(toks) == keys[b"a" * 16]
+    flat = [k for chain in keys.values() for k in chain]
+    assert len(set(flat)) == len(flat)

@@ -6,6 +6,8 @@ accepted only if:
     size never drives an allocation);
   * it decodes in the wire format (magic, version, header, checksum; never pickle) with a payload
     of at most `cap - fixed prefix - MAX_HEADER` bytes;
+  * with the store's MAC key, its tag proves it was written by a holder of the same store secret
+    (checked before the header is parsed);
   * its header names the key it was read under;
   * its tensors have the expected layout (names, dtypes, shapes), when one is known.
 """
@@ -36,15 +38,17 @@ def value_cap(layout: Layout | None, max_payload: int) -> int:
     return wire._PREFIX.size + wire.MAX_HEADER + payload
 
 
-def check_value(data: bytes, key: bytes, cap: int, layout: Layout | None
+def check_value(data: bytes, key: bytes, cap: int, layout: Layout | None, mac_key: bytes | None = None
                 ) -> tuple[dict[str, torch.Tensor] | None, str | None]:
-    """(tensors, None) for a valid chunk stored under `key`; (None, why) otherwise. The tensors
-    share `data`'s memory (no copy): pass a reply nothing else holds (`wire.decode`)."""
+    """(tensors, None) for a valid chunk stored under `key` (and authenticated by `mac_key` when
+    given); (None, why) otherwise, never an exception. The tensors share `data`'s memory (no
+    copy): pass a reply nothing else holds (`wire.decode`)."""
     if len(data) > cap:
         return None, f"larger than the {cap}-byte cap"
     try:
         payload_cap = cap - wire._PREFIX.size - wire.MAX_HEADER
-        tensors = wire.decode(data, expected_key=key, max_payload=payload_cap, alias_readonly=True).tensors
+        tensors = wire.decode(data, expected_key=key, max_payload=payload_cap, alias_readonly=True,
+                              mac_key=mac_key).tensors
     except wire.WireError as e:
         return None, str(e)
     if layout is not None and layout_of(tensors) != layout:

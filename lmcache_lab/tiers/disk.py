@@ -134,9 +134,10 @@ class DiskTier(BudgetedTier):
     encodes = True
 
     def __init__(self, path: str | os.PathLike, capacity_bytes: int, policy: EvictionPolicy,
-                 max_payload: int | None = None):
+                 max_payload: int | None = None, mac_key: bytes | None = None):
         super().__init__(capacity_bytes, policy)
         self.stats = DiskTierStats()
+        self.mac_key = mac_key   # `wire.mac_key(store secret)`: files written and read are authenticated
         self.root = Path(path)
         self.root.mkdir(parents=True, exist_ok=True)
         self._root = str(self.root)
@@ -311,7 +312,7 @@ class DiskTier(BudgetedTier):
         path = self._path(key)
         try:
             with open(path, "rb") as fh:
-                _, _, hlen, _ = wire._PREFIX.unpack(fh.read(wire._PREFIX.size))
+                hlen = wire._PREFIX.unpack(fh.read(wire._PREFIX.size))[2]
                 if hlen > wire.MAX_HEADER:
                     raise ValueError(f"header length {hlen} exceeds {wire.MAX_HEADER}")
                 parent = json.loads(fh.read(hlen)).get("parent")
@@ -405,16 +406,28 @@ class DiskTier(BudgetedTier):
         self.stats.bytes_read += nbytes
         return value
 
+    @property
+    def read_cap(self) -> int:
+        """Largest file a read accepts: a valid chunk of `max_payload` bytes when set, else the
+        budget (a put refuses any chunk larger than it)."""
+        if self.max_payload is None:
+            return self.capacity_bytes
+        return wire._PREFIX.size + wire.MAX_HEADER + self.max_payload
+
     def _load(self, key: bytes) -> tuple[dict[str, torch.Tensor] | None, int]:
         """(tensors, file size), or (None, 0) for an absent, unreadable or invalid file. A file
-        that fails verification is counted as corrupt and removed; an I/O fault counts an error.
-        A hit sets the file's mtime: the access time that rescans and restarts order by."""
+        that fails verification (or exceeds `read_cap`, read no further) is counted as corrupt
+        and removed; an I/O fault counts an error. A hit sets the file's mtime: the access time
+        that rescans and restarts order by."""
         path = self._path(key)
         try:
             with open(path, "rb", buffering=0) as fh:
                 st = os.fstat(fh.fileno())
-                data = read_fully(fh, st.st_size)
-                os.utime(fh.fileno())
+                if st.st_size > self.read_cap:
+                    data = None
+                else:
+                    data = read_fully(fh, st.st_size)
+                    os.utime(fh.fileno())
         except FileNotFoundError:
             self._forget(key)      # never stored, or evicted by some process
             return None, 0
@@ -423,7 +436,9 @@ class DiskTier(BudgetedTier):
             self.stats.errors += 1
             return None, 0
         try:
-            record = wire.decode(data, expected_key=key, max_payload=self.max_payload)
+            if data is None:
+                raise wire.WireError(f"{st.st_size} bytes exceed the read cap of {self.read_cap}")
+            record = wire.decode(data, expected_key=key, max_payload=self.max_payload, mac_key=self.mac_key)
         except wire.WireError as e:
             log.warning("disk tier: %s is not a valid chunk (%s); removing it", path, e)
             self.stats.corrupt += 1
@@ -471,7 +486,7 @@ class DiskTier(BudgetedTier):
         `stats.errors`, and refuses the chunk."""
         if self._present(key, parent):
             return True
-        encoding = wire.prepare(key, value, parent=parent, position=position)
+        encoding = wire.prepare(key, value, parent=parent, position=position, mac_key=self.mac_key)
         nbytes = encoding.nbytes
         if nbytes > self.capacity_bytes:
             self.stats.rejected += 1

@@ -16,10 +16,11 @@ Invariants:
     pipelined EXISTS round trip per endpoint), `get` (GETRANGE capped at the largest valid value,
     so a hostile value cannot size an allocation) see chunks written by any instance.
   * `get` returns only values that pass `chunk_check.check_value`: the wire format (magic,
-    version, checksum), the requested key, and the chunk layout when known (learned from this
-    instance's own writes or set by `expect_layout`). Anything else is a counted miss
-    (`stats.corrupt`) and is deleted, so the next store rewrites it. Nothing read from Redis is
-    ever unpickled.
+    version, checksum), the requested key, the MAC when the tier has a `mac_key` (store secret),
+    and the chunk layout when known (learned from this instance's own writes or set by
+    `expect_layout`). Anything else is a counted miss (`stats.corrupt`) and is deleted, so the
+    next store rewrites it. Nothing read from Redis is ever unpickled.
+  * With a `mac_key`, every value written carries the MAC (`wire.prepare`).
   * No Redis fault reaches the caller after start-up: a timeout or connection error on an endpoint
     counts in `stats.errors` (`stats.timeouts`), answers its chunks as misses, and opens that
     endpoint's breaker; requests then skip it at once (`stats.skipped`) while a background probe
@@ -86,7 +87,8 @@ class RedisTier(RemoteTier):
     name = "redis"
     encodes = True
 
-    def __init__(self, config: RedisTierConfig, expected: dict[str, torch.Tensor] | None = None):
+    def __init__(self, config: RedisTierConfig, expected: dict[str, torch.Tensor] | None = None,
+                 mac_key: bytes | None = None):
         if not config.url:
             raise ValueError("RedisTier needs tiers.redis.url")
         self._usage_at = -math.inf
@@ -94,6 +96,7 @@ class RedisTier(RemoteTier):
         super().__init__(config.capacity_bytes or 0, policy=None)  # Redis evicts; no local policy
         self.config = config
         self.stats = RedisTierStats()
+        self.mac_key = mac_key   # `wire.mac_key(store secret)`: values written and read are authenticated
         self._prefix = f"{config.key_prefix}:v{wire.VERSION}:"
         self._layout: Layout | None = layout_of(expected) if expected else None
         self._oom_logged = False
@@ -235,7 +238,7 @@ class RedisTier(RemoteTier):
                 return None
             why = "not a string value"
         else:
-            tensors, why = check_value(data, key, cap, self._layout)
+            tensors, why = check_value(data, key, cap, self._layout, self.mac_key)
             if tensors is not None:
                 return tensors
         self.stats.corrupt += 1
@@ -256,7 +259,7 @@ class RedisTier(RemoteTier):
                 self.stats.rejected += 1
                 log.warning("redis tier: not storing a chunk %s", refused)
                 continue
-            enc = wire.prepare(key, value, parent=parent, position=position)
+            enc = wire.prepare(key, value, parent=parent, position=position, mac_key=self.mac_key)
             batch.append((i, enc))
             size += enc.nbytes
             if size >= PIPELINE_BYTES:
