@@ -289,3 +289,31 @@ def test_invalid_config_is_refused_with_the_key(bad, message):
     ok = load_config({"tiers": {"s3": {"url": "s3://ok-bucket/a/b/", "max_chunk_bytes": "8MiB"}}}, environ={})
     assert (ok.tiers.s3.bucket, ok.tiers.s3.prefix, ok.tiers.s3.max_chunk_bytes) == ("ok-bucket", "a/b/", 8 * 2**20)
     assert load_config({}, environ={}).tiers.s3.url is None   # off by default
+
+
+def test_an_engine_rides_out_an_outage_then_hits_resume(s3_server, wait_until):
+    from lmcache_lab.engine import CacheEngine
+
+    config = {"chunk_size": 16, "tiers": {"cpu": {"capacity_bytes": 0}, "s3": {
+        "url": "s3://cache/outage", "endpoint_url": s3_server.endpoint_url, "timeout_s": 1.0,
+        "backoff_max_s": 0.2}}}
+    tokens = list(range(2000, 2000 + 16 * 3 + 1))
+    kv = [chunk(i)["kv"] for i in range(3)]
+    engine = CacheEngine(config)
+    try:
+        s3 = engine.tiers[-1]
+        assert engine.store(tokens, kv) == 3 and engine.lookup(tokens) == 48
+        s3_server.kill()
+        # nothing raises into the engine: every operation answers as a miss
+        assert engine.lookup(tokens) == 0 and engine.retrieve(tokens) == []
+        assert engine.store(tokens, kv) == 0
+        assert s3.stats.errors >= 1
+        s3_server.start()          # an empty store on the same port
+        s3_server.create_bucket("cache")
+        assert wait_until(lambda: s3.available, 10)
+        assert engine.lookup(tokens) == 0           # the outage lost the objects: misses
+        assert engine.store(tokens, kv) == 3 and engine.lookup(tokens) == 48
+        got = engine.retrieve(tokens)
+        assert len(got) == 3 and all(torch.equal(g, k) for g, k in zip(got, kv))
+    finally:
+        engine.close()
