@@ -95,7 +95,7 @@ def print_mac(m: dict, sizes_mib: Sequence[int], repeat: int) -> None:
     print(f"\nstore secret, per chunk (best of {repeat}); ratio against wire.decode without a MAC:")
     for mib in sizes_mib:
         for name, label in (("decode", "wire.decode, no secret"), ("decode_mac", "wire.decode with the MAC"),
-                            ("hmac_sha256", "HMAC-SHA256 of the payload"), ("blake2b", "keyed BLAKE2b of it")):
+                            ("hmac_sha256", "HMAC-SHA256 of the value"), ("blake2b", "keyed BLAKE2b of it")):
             us = m[f"{mib}MiB_{name}_us"]
             print(f"  {mib} MiB  {label:<28} {us:>9,.0f} us  {mib * 2**20 / us / 1e3:>6.2f} GB/s  "
                   f"{m[f'{mib}MiB_{name}_vs_decode']:>6.2f}x")

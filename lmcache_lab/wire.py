@@ -5,10 +5,10 @@ is an attack surface, so every field read back is validated before it sizes an a
     0       4     magic  b"LMCK"
     4       2     version (little-endian u16)
     6       4     header length H (u32, <= MAX_HEADER)
-    10      8     xxh3_64 checksum of header JSON + payload (catches damage; anyone can compute it)
-    18      32    tag: HMAC-SHA256 under the store's MAC key of bytes 0..18 + header JSON + payload,
+    10      8     xxh3_64 checksum of everything after it (catches damage; anyone can compute it)
+    18      H     header JSON: {"key", "parent", "position", "tensors": [{"name","dtype","shape"}]}
+    18+H    32    tag: HMAC-SHA256 under the store's MAC key of bytes 0..10 + header JSON + payload,
                   or 32 zero bytes for a value written without a store secret
-    50      H     header JSON: {"key", "parent", "position", "tensors": [{"name","dtype","shape"}]}
     50+H    ...   payload: the tensors' raw bytes, concatenated in header order
 
 The tag covers the header, hence the chunk key it names, and the payload: a reader holding the MAC
@@ -34,9 +34,11 @@ import xxhash
 MAGIC = b"LMCK"
 VERSION = 2
 MAX_HEADER = 64 * 1024
-_PREFIX = struct.Struct("<4sHIQ32s")
-_SIGNED = struct.Struct("<4sHIQ")     # the prefix fields the tag covers (all but the tag)
-NO_TAG = bytes(32)
+_PREFIX = struct.Struct("<4sHIQ")    # magic, version, header length, checksum
+_SIGNED = struct.Struct("<4sHI")      # the prefix fields the tag covers (all but the checksum)
+TAG_SIZE = 32
+NO_TAG = bytes(TAG_SIZE)
+OVERHEAD = _PREFIX.size + TAG_SIZE    # bytes of a value beside its header and payload
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -57,7 +59,8 @@ def mac_key(secret: bytes) -> bytes:
     return hmac.digest(secret, b"lmcache_lab wire tag", "sha256")
 
 
-def _tag(mac: bytes, signed: bytes, header: bytes | memoryview, payload: list[memoryview]) -> bytes:
+def _tag(mac: bytes, signed: bytes | memoryview, header: bytes | memoryview,
+         payload: list[memoryview]) -> bytes:
     h = hmac.new(mac, signed, hashlib.sha256)
     h.update(header)
     for part in payload:
@@ -83,16 +86,16 @@ class Encoding:
     mac_key: bytes | None = None
 
     def parts(self) -> list[bytes | memoryview]:
-        """The value as consecutive buffers (prefix, header, each tensor's bytes), none of the
-        payload copied: write them in order (socket sendall, file writelines) and the reader sees
-        one value. The checksum and the tag are computed over the buffers as they are."""
+        """The value as consecutive buffers (prefix, header, tag, each tensor's bytes), none of
+        the payload copied: write them in order (socket sendall, file writelines) and the reader
+        sees one value. The tag and the checksum are computed over the buffers as they are."""
         views = [memoryview(t.reshape(-1).view(torch.uint8).numpy()) for t in self.tensors if t.nbytes]
-        h = xxhash.xxh3_64(self.header)
-        for v in views:
-            h.update(v)
-        signed = _SIGNED.pack(MAGIC, VERSION, len(self.header), h.intdigest())
+        signed = _SIGNED.pack(MAGIC, VERSION, len(self.header))
         tag = _tag(self.mac_key, signed, self.header, views) if self.mac_key else NO_TAG
-        return [signed + tag, self.header, *views]
+        h = xxhash.xxh3_64(self.header)
+        for part in (tag, *views):
+            h.update(part)
+        return [signed + h.intdigest().to_bytes(8, "little"), self.header, tag, *views]
 
 
 def prepare(key: bytes, tensors: dict[str, torch.Tensor], parent: bytes | None = None,
@@ -109,7 +112,7 @@ def prepare(key: bytes, tensors: dict[str, torch.Tensor], parent: bytes | None =
     header = json.dumps({"key": key.hex(), "parent": parent.hex() if parent else None,
                          "position": int(position), "tensors": descr},
                         separators=(",", ":")).encode()
-    return Encoding(header, cpu, _PREFIX.size + len(header) + sum(t.nbytes for t in cpu), mac_key)
+    return Encoding(header, cpu, OVERHEAD + len(header) + sum(t.nbytes for t in cpu), mac_key)
 
 
 def encode(key: bytes, tensors: dict[str, torch.Tensor], parent: bytes | None = None,
@@ -137,15 +140,15 @@ def decode(data: bytes | bytearray | memoryview, expected_key: bytes | None = No
     view = memoryview(data)
     if len(view) < _PREFIX.size:
         raise WireError("truncated: shorter than the fixed prefix")
-    magic, version, hlen, checksum, tag = _PREFIX.unpack_from(view)
+    magic, version, hlen, checksum = _PREFIX.unpack_from(view)
     if magic != MAGIC:
         raise WireError("not a chunk: bad magic")
     if version != VERSION:
         raise WireError(f"unsupported version {version} (this build reads {VERSION})")
-    if hlen > MAX_HEADER or _PREFIX.size + hlen > len(view):
+    if hlen > MAX_HEADER or OVERHEAD + hlen > len(view):
         raise WireError("truncated or oversized header")
-    header_bytes = view[_PREFIX.size:_PREFIX.size + hlen]
-    payload = view[_PREFIX.size + hlen:]
+    base = OVERHEAD + hlen
+    header_bytes, tag, payload = view[_PREFIX.size:_PREFIX.size + hlen], view[base - TAG_SIZE:base], view[base:]
     if max_payload is not None and len(payload) > max_payload:
         raise WireError(f"payload of {len(payload)} bytes exceeds the cap of {max_payload}")
     if xxhash.xxh3_64_intdigest(view[_PREFIX.size:]) != checksum:
@@ -168,7 +171,6 @@ def decode(data: bytes | bytearray | memoryview, expected_key: bytes | None = No
     if expected_key is not None and key != expected_key:
         raise WireError("stored under a different key")
     buffer = view if not view.readonly or alias_readonly else memoryview(bytearray(view))
-    base = _PREFIX.size + hlen
     tensors, offset = {}, 0
     for name, dtype, shape in descr:
         if any(s < 0 for s in shape):

@@ -15,8 +15,8 @@ LAYOUT = layout_of(KV)
 def test_layout_and_caps():
     assert LAYOUT == (("kv", "bfloat16", (2, 4, 8)),)
     assert layout_nbytes(LAYOUT) == 128
-    assert value_cap(LAYOUT, 10**9) == wire._PREFIX.size + wire.MAX_HEADER + 128
-    assert value_cap(None, 1000) == wire._PREFIX.size + wire.MAX_HEADER + 1000
+    assert value_cap(LAYOUT, 10**9) == wire.OVERHEAD + wire.MAX_HEADER + 128
+    assert value_cap(None, 1000) == wire.OVERHEAD + wire.MAX_HEADER + 1000
 
 
 def test_a_valid_chunk_passes_with_or_without_a_known_layout():
@@ -62,7 +62,7 @@ def test_with_a_mac_key_only_values_written_with_it_pass():
     cases = [
         ("written without a secret", wire.encode(KEY, KV), "no MAC"),
         ("written with another secret", wire.encode(KEY, KV, mac_key=wire.mac_key(b"t" * 32)), "wrong MAC"),
-        ("tag byte changed", _forge(good, wire._SIGNED.size), "wrong MAC"),
+        ("tag byte changed", _forge(good, len(good) - 128 - 1), "wrong MAC"),   # the payload is 128 bytes
         ("header byte changed", _forge(good, wire._PREFIX.size + 10), "wrong MAC"),
         ("payload byte changed", _forge(good, len(good) - 1), "wrong MAC"),
     ]

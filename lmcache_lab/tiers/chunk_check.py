@@ -33,9 +33,9 @@ def layout_nbytes(layout: Layout) -> int:
 
 def value_cap(layout: Layout | None, max_payload: int) -> int:
     """Largest valid stored value: the exact payload when the layout is known, else `max_payload`,
-    plus the fixed prefix and the largest header."""
+    plus the fixed prefix and tag and the largest header."""
     payload = layout_nbytes(layout) if layout else max_payload
-    return wire._PREFIX.size + wire.MAX_HEADER + payload
+    return wire.OVERHEAD + wire.MAX_HEADER + payload
 
 
 def check_value(data: bytes, key: bytes, cap: int, layout: Layout | None, mac_key: bytes | None = None
@@ -46,7 +46,7 @@ def check_value(data: bytes, key: bytes, cap: int, layout: Layout | None, mac_ke
     if len(data) > cap:
         return None, f"larger than the {cap}-byte cap"
     try:
-        payload_cap = cap - wire._PREFIX.size - wire.MAX_HEADER
+        payload_cap = cap - wire.OVERHEAD - wire.MAX_HEADER
         tensors = wire.decode(data, expected_key=key, max_payload=payload_cap, alias_readonly=True,
                               mac_key=mac_key).tensors
     except wire.WireError as e:

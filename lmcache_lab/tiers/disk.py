@@ -312,7 +312,7 @@ class DiskTier(BudgetedTier):
         path = self._path(key)
         try:
             with open(path, "rb") as fh:
-                hlen = wire._PREFIX.unpack(fh.read(wire._PREFIX.size))[2]
+                _, _, hlen, _ = wire._PREFIX.unpack(fh.read(wire._PREFIX.size))
                 if hlen > wire.MAX_HEADER:
                     raise ValueError(f"header length {hlen} exceeds {wire.MAX_HEADER}")
                 parent = json.loads(fh.read(hlen)).get("parent")
@@ -412,7 +412,7 @@ class DiskTier(BudgetedTier):
         budget (a put refuses any chunk larger than it)."""
         if self.max_payload is None:
             return self.capacity_bytes
-        return wire._PREFIX.size + wire.MAX_HEADER + self.max_payload
+        return wire.OVERHEAD + wire.MAX_HEADER + self.max_payload
 
     def _load(self, key: bytes) -> tuple[dict[str, torch.Tensor] | None, int]:
         """(tensors, file size), or (None, 0) for an absent, unreadable or invalid file. A file
