@@ -25,9 +25,13 @@ Invariants:
     or access denied; a store that is unreachable at start-up only makes the tier unavailable.
   * Writes are whole-object PUTs of content-addressed keys: concurrent writers of one key store
     equal bytes and S3 makes one of them visible whole (no reader ever sees a mix).
+  * Thread-safe by itself (one thread-safe client, counters under a lock of their own, no local
+    index, no eviction), so `lock` is a no-op: a write-behind thread storing a long chain never
+    holds up an engine's lookup or load of the same tier; their requests interleave at the store.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -92,6 +96,7 @@ class S3Tier(RemoteTier):
         super().__init__(config.capacity_bytes or 0, policy=None)   # the store's budget, not ours
         self.config = config
         self.stats = S3TierStats()
+        self.lock = contextlib.nullcontext()   # thread-safe by itself (see the invariants)
         self.bucket = config.bucket
         self._prefix = f"{config.prefix}v{wire.VERSION}/"
         self._layout: Layout | None = layout_of(expected) if expected else None
