@@ -1,4 +1,4 @@
-"""Chunk keys: tokens -> full chunks -> chained 128-bit content hashes.
+"""Chunk keys: tokens -> full chunks -> chained content hashes (32-byte sha256, or 16-byte xxh3_128).
 
     root   = H(namespace)                 namespace = everything engine-side that makes KV differ
     root   = H(K || namespace)            with a store secret: K = HMAC-SHA256(secret, label)
@@ -14,8 +14,8 @@ the same bytes; an empty identity leaves the root as it is. H is sha256 by defau
 crafts prompts must not be able to find one whose key equals another tenant's chunk (vLLM moved its
 prefix-cache hash to sha256 for this reason, GHSA-rm76-4mrf-v9r8). xxh3_128 is faster but not
 collision resistant: only for a single-tenant deployment. Never Python's `hash()`, which is salted
-per process. Only full chunks get keys: a
-trailing partial chunk is never stored, so hits are always a multiple of `chunk_size`.
+per process. Only full chunks get keys: a trailing partial chunk is never stored, so hits are
+always a multiple of `chunk_size`.
 """
 from __future__ import annotations
 
