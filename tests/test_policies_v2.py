@@ -68,8 +68,9 @@ def test_lhd_learns_that_request_tails_have_no_hit_density():
     p = make_policy("lhd", 512, reconfigure_every=5, prior=0.0)
     run(sessions(300), p, capacity_blocks=60)
     assert p.density is not None
-    tail, body = ChunkInfo(0, depth=2, nbytes=1), ChunkInfo(0, depth=2, nbytes=1)
+    tail, body = ChunkInfo(0, depth=3, nbytes=1), ChunkInfo(0, depth=2, nbytes=1)
     tail.tail = True
+    tail.segment = body.segment = 4     # a session's first request stores its 3 body blocks and its tail
     tail_cls, body_cls = chunk_class(tail), chunk_class(body)
     assert max(p.density[tail_cls]) < min(p.density[body_cls][:8])
 

@@ -52,7 +52,7 @@ class LearnedPolicy(ScoredPolicy):
     use, and the age since it). The label is 1 if a request uses the chunk (hit, or stores it
     again after an eviction) within `horizon` requests of the draw, 0 once the horizon has passed
     without a use. The horizon is the cache's size in requests (LRB's Belady boundary, estimated):
-    resident chunks / mean new chunks stored per request, read at the draw.
+    `horizon_factor` x resident chunks / mean new chunks stored per request, read at the draw.
 
     Model: logistic regression on `STATIC` features plus `AGED` features times log(1 + age),
     refitted by `fit_logistic` every `retrain_every` new labels on the latest `window` labels.
@@ -67,13 +67,14 @@ class LearnedPolicy(ScoredPolicy):
     name = "learned"
 
     def __init__(self, chunk_tokens: int = 256, samples: int = 32, seed: int = 0, samples_per_request: int = 4,
-                 retrain_every: int = 2000, window: int = 20000, ridge: float = 1.0, **params):
+                 horizon_factor: float = 1.0, retrain_every: int = 2000, window: int = 20000, ridge: float = 1.0, **params):
         super().__init__(chunk_tokens, samples, seed, **params)
         if samples_per_request < 1 or retrain_every < 1 or window < retrain_every or ridge < 0:
             raise ValueError(f"policy 'learned': need samples_per_request >= 1, retrain_every >= 1, "
                              f"window >= retrain_every, ridge >= 0; got {samples_per_request}, {retrain_every}, "
                              f"{window}, {ridge}")
         self.samples_per_request, self.retrain_every, self.window, self.ridge = samples_per_request, retrain_every, window, ridge
+        self.horizon_factor = horizon_factor
         self.weights: tuple[list[float], list[float]] | None = None   # (static, aged) weights
         self.version = 0
         self.fits = 0
@@ -91,7 +92,7 @@ class LearnedPolicy(ScoredPolicy):
     # ---- labels ---------------------------------------------------------------------------------
     def horizon(self) -> float:
         """The cache's size in requests: resident chunks / new chunks per request (EWMA)."""
-        return max(1.0, len(self.info) / max(self._inserts_per_request, 1e-9))
+        return max(1.0, self.horizon_factor * len(self.info) / max(self._inserts_per_request, 1e-9))
 
     def _label(self, row: int, y: float) -> None:
         self._labels[row] = y

@@ -6,14 +6,15 @@ import numpy as np
 
 from lmcache_lab.policies.sampled import ChunkInfo, ScoredPolicy
 
-DEPTH_EDGES = (1, 4, 16)          # depth buckets: 0, 1-3, 4-15, 16+
-CLASSES = 2 * 3 * 2 * (len(DEPTH_EDGES) + 1)
+SEGMENT_EDGES = (2, 4, 16)        # new chunks of the request that last touched it: 1, 2-3, 4-15, 16+
+CLASSES = 2 * 3 * 2 * (len(SEGMENT_EDGES) + 1)
 
 
 def chunk_class(info: ChunkInfo) -> int:
-    """(ends its request, uses so far 0/1/2+, request continued a cached prefix, depth bucket)."""
-    depth = sum(info.depth >= e for e in DEPTH_EDGES)
-    return ((info.tail * 3 + min(info.uses, 2)) * 2 + info.cont) * (len(DEPTH_EDGES) + 1) + depth
+    """(ends its request, uses so far 0/1/2+, request continued a cached prefix, bucket of the
+    new segment of the request that last touched it)."""
+    segment = sum(info.segment >= e for e in SEGMENT_EDGES)
+    return ((info.tail * 3 + min(info.uses, 2)) * 2 + info.cont) * (len(SEGMENT_EDGES) + 1) + segment
 
 
 def hit_density(hits: np.ndarray, evictions: np.ndarray, prior: float = 0.0) -> np.ndarray:
@@ -38,7 +39,7 @@ class HitDensityPolicy(ScoredPolicy):
     Maximizing Hit Density", NSDI'18), with classes read from the prefix structure.
 
     A chunk's age is the requests since its last use (or store). For each class (`chunk_class`:
-    request tail or not, uses so far, continuation or not, depth bucket) the policy counts, per
+    request tail or not, uses so far, continuation or not, new-segment length bucket) the policy counts, per
     coarsened age, the uses (hits) and evictions it saw; every `reconfigure_every` requests it
     turns them into hit densities (`hit_density`, shrunk towards the all-class density with
     `prior` pseudo age-buckets of lifetime) and decays the counts by `decay` (an EWMA, as in the
