@@ -15,6 +15,13 @@ special tokens); the engine receives them as ids, so no tokenizer round trip can
                   `interleaved` (pass q asks every document once), `grouped` (a document's
                   questions back to back) or `random`. `miss_fraction` of the requests ask about a
                   fresh one-off document (a guaranteed miss).
+  multi_tenant    T tenants, each with its own system prompt and a Zipf share of the sessions; a
+                  session is a chat (turns until a stop with probability `chat_stop` per turn,
+                  each turn = history + question, history grows by question + answer, next turn
+                  after an exponential think time) or, with probability `oneoff_fraction`, a
+                  single request carrying a long one-off document after the system prompt.
+                  Sessions start as a Poisson process; turns of all sessions interleave by time.
+                  `to_mooncake` turns it into a Mooncake trace for the replay.
   trace           a Mooncake trace (see `trace.py`) turned into prompts: block id -> a fixed block
                   of `block_tokens * token_scale` tokens drawn from (seed, id), so equal ids give
                   equal tokens and a shared id prefix gives a shared token prefix; arrival times
@@ -132,6 +139,76 @@ def long_doc_qa(documents: int = 6, doc_tokens: int = 2048, questions_per_doc: i
     return _finish(rows, qps, arrival, rng)
 
 
+def multi_tenant(tenants: int = 8, sessions: int = 1500, zipf: float = 1.1, system_tokens: tuple = (256, 1024),
+                 question_tokens: tuple = (32, 160), answer_tokens: tuple = (64, 256), chat_stop: float = 0.3,
+                 oneoff_fraction: float = 0.5, oneoff_tokens: tuple = (1024, 4096), session_rate: float = 1.0,
+                 think_s: float = 60.0, max_tokens: int = 8, *, vocab_size: int, seed: int = 0) -> list[Request]:
+    """Multi-tenant, multi-session chat mixed with one-off long-context requests (see the module
+    docstring). Token ranges are inclusive-exclusive uniform draws (low, high). `group` is
+    `t<tenant>/s<session>`, `round` the turn; a turn waits for the previous one (`after`)."""
+    if tenants < 1 or sessions < 1:
+        raise ValueError(f"workload.tenants and workload.sessions must be >= 1, got {tenants}, {sessions}")
+    if not 0 < chat_stop <= 1 or not 0 <= oneoff_fraction <= 1:
+        raise ValueError(f"workload.chat_stop must be in (0, 1] and oneoff_fraction in [0, 1], got {chat_stop}, {oneoff_fraction}")
+    if session_rate <= 0 or think_s < 0:
+        raise ValueError(f"workload.session_rate must be > 0 and think_s >= 0, got {session_rate}, {think_s}")
+    import heapq
+
+    rng = np.random.default_rng([seed, 4])
+
+    def draw(bounds):
+        return int(rng.integers(bounds[0], bounds[1]))
+
+    systems = [_tokens(rng, draw(system_tokens), vocab_size) for _ in range(tenants)]
+    share = 1.0 / np.arange(1, tenants + 1) ** zipf
+    owners = rng.choice(tenants, size=sessions, p=share / share.sum())
+    starts = np.cumsum(rng.exponential(1.0 / session_rate, size=sessions))
+    # (time, session, turn, history) of each session's next request
+    events = [(float(starts[i]), i, 0, systems[owners[i]]) for i in range(sessions)]
+    heapq.heapify(events)
+    oneoff = rng.random(sessions) < oneoff_fraction
+    rows, times, previous = [], [], {}     # previous: session -> index of its last request
+    while events:
+        t, i, turn, history = heapq.heappop(events)
+        if oneoff[i]:
+            prompt = history + _tokens(rng, draw(oneoff_tokens), vocab_size) + _tokens(rng, draw(question_tokens), vocab_size)
+        else:
+            prompt = history + _tokens(rng, draw(question_tokens), vocab_size)
+        rows.append(dict(prompt=prompt, max_tokens=max(1, max_tokens), after=previous.get(i), group=f"t{owners[i]}/s{i}",
+                         round=turn))
+        times.append(t)
+        previous[i] = len(rows) - 1
+        if not oneoff[i] and rng.random() >= chat_stop:
+            heapq.heappush(events, (t + float(rng.exponential(think_s)), i, turn + 1,
+                                    prompt + _tokens(rng, draw(answer_tokens), vocab_size)))
+    return [Request(index=k, arrival_s=float(times[k] - times[0]), **row) for k, row in enumerate(rows)]
+
+
+def to_mooncake(requests: Sequence[Request], block_tokens: int = 64) -> list[dict]:
+    """Mooncake trace records of `requests`: one id per `block_tokens` tokens, prefix-chained
+    (ids are numbered in order of first appearance of (parent id, block tokens)), so two prompts
+    share exactly the ids of their common whole blocks. Timestamps in ms from `arrival_s`."""
+    ids: dict = {}
+    out = []
+    for r in requests:
+        chain, parent = [], -1
+        for start in range(0, len(r.prompt), block_tokens):
+            parent = ids.setdefault((parent, r.prompt[start:start + block_tokens]), len(ids))
+            chain.append(parent)
+        out.append({"timestamp": int(round(r.arrival_s * 1000)), "input_length": len(r.prompt),
+                    "output_length": r.max_tokens, "hash_ids": chain})
+    return out
+
+
+def write_mooncake(requests: Sequence[Request], path, block_tokens: int = 64) -> None:
+    """`to_mooncake(requests)` as a JSON-lines trace file the replay and explain tools read."""
+    import json
+
+    with open(path, "w") as fh:
+        for record in to_mooncake(requests, block_tokens):
+            fh.write(json.dumps(record) + "\n")
+
+
 def block_tokens_for(block_id: int, n: int, vocab_size: int, seed: int = 0) -> tuple[int, ...]:
     """The fixed tokens of trace block `block_id`: a function of (seed, id) only."""
     rng = np.random.default_rng([seed, 3, int(block_id) & (2**63 - 1)])
@@ -188,3 +265,10 @@ def make_workload(wl_cfg, vocab_size: int, seed: int) -> list[Request]:
         raise ValueError("workload: no _target_ (a generator in lmcache_lab.experiments.workloads)")
     params.pop("name", None)
     return hydra.utils.get_method(target)(**params, vocab_size=vocab_size, seed=seed)
+
+
+if __name__ == "__main__":
+    # python -m lmcache_lab.experiments.workloads OUT.jsonl [SEED]: a multi_tenant trace for the replay
+    import sys
+
+    write_mooncake(multi_tenant(vocab_size=32000, seed=int(sys.argv[2]) if len(sys.argv) > 2 else 0), sys.argv[1])

@@ -129,3 +129,48 @@ def test_make_workload_from_hydra_configs():
             reqs = make_workload(cfg.workload, vocab_size=V, seed=0)
             assert reqs and all(r.prompt for r in reqs)
             assert make_workload(cfg.workload, vocab_size=V, seed=0) == reqs
+
+
+def test_multi_tenant_sessions_extend_their_history_and_oneoffs_are_single():
+    from lmcache_lab.experiments.workloads import multi_tenant
+    reqs = multi_tenant(tenants=3, sessions=60, oneoff_fraction=0.5, vocab_size=V, seed=2)
+    assert [r.index for r in reqs] == list(range(len(reqs)))
+    assert all(a.arrival_s <= b.arrival_s for a, b in zip(reqs, reqs[1:]))
+    by_session = {}
+    for r in reqs:
+        by_session.setdefault(r.group, []).append(r)
+    chats = [rs for rs in by_session.values() if len(rs) > 1]
+    assert chats and len(by_session) == 60
+    for rs in by_session.values():
+        assert [r.round for r in rs] == list(range(len(rs)))
+        for prev, cur in zip(rs, rs[1:]):
+            assert cur.after == prev.index and is_prefix(prev.prompt, cur.prompt)
+            assert len(cur.prompt) - len(prev.prompt) >= 64 + 32          # an answer and a question
+    # sessions of one tenant share its system prompt (256+ tokens), tenants differ
+    systems = {}
+    for r in reqs:
+        systems.setdefault(r.group.split("/")[0], set()).add(r.prompt[:256])
+    assert all(len(s) == 1 for s in systems.values()) and len({next(iter(s)) for s in systems.values()}) == len(systems)
+    # one-off requests carry a long document: their sessions have one request and a long prompt
+    long_single = [rs[0] for rs in by_session.values() if len(rs) == 1 and len(rs[0].prompt) >= 256 + 1024]
+    assert long_single
+    assert multi_tenant(tenants=3, sessions=60, vocab_size=V, seed=2) == reqs
+    assert multi_tenant(tenants=3, sessions=60, vocab_size=V, seed=3) != reqs
+    with pytest.raises(ValueError, match="chat_stop"):
+        multi_tenant(chat_stop=0, vocab_size=V)
+
+
+def test_to_mooncake_shares_exactly_the_common_whole_blocks(tmp_path):
+    from lmcache_lab.experiments.trace import load_trace
+    from lmcache_lab.experiments.workloads import Request, to_mooncake, write_mooncake
+    a = tuple(range(10, 30))              # 20 tokens
+    b = a[:12] + (99,) * 10               # shares 12 tokens: blocks of 4 -> 3 whole blocks
+    c = (99,) * 8 + a[8:]                 # same blocks 2..4 as a, other prefix: no id in common
+    reqs = [Request(index=i, arrival_s=float(i), prompt=p, max_tokens=1) for i, p in enumerate((a, b, c))]
+    ra, rb, rc = to_mooncake(reqs, block_tokens=4)
+    assert ra["hash_ids"] == [0, 1, 2, 3, 4] and rb["hash_ids"][:3] == [0, 1, 2]
+    assert not set(rb["hash_ids"][3:]) & set(ra["hash_ids"])
+    assert not set(rc["hash_ids"]) & set(ra["hash_ids"])
+    assert rb["input_length"] == 22 and len(rb["hash_ids"]) == 6 and rb["timestamp"] == 1000
+    write_mooncake(reqs, tmp_path / "t.jsonl", block_tokens=4)
+    assert [r.hash_ids for r in load_trace(str(tmp_path / "t.jsonl"))] == [tuple(x["hash_ids"]) for x in (ra, rb, rc)]
