@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from lmcache_lab.kernels.blocks import block_records, gather_blocks, scatter_blocks
 from lmcache_lab.kernels.layout import KVLayout
 from lmcache_lab.kernels.paged import gather, scatter
 from lmcache_lab.kernels.quant import quantize, dequantize
@@ -177,11 +178,23 @@ def bench_paged(kind: str, args, device: torch.device, backend: str) -> list[Row
     }
     if device.type == "cpu":
         fns["clone"] = lambda: src.clone()
+    # block-native chunks (kernels/blocks.py): the same blocks as whole records
+    bs = layout.block_size
+    whole_blocks = layout.v is not None and args.tokens % bs == 0 and block_records(layout)
+    if whole_blocks:
+        ids = slots[::bs] // bs
+        records = gather_blocks(caches, layout, ids)
+        assert records.numel() == out.numel()
+        fns["gather_blocks"] = lambda: gather_blocks(caches, layout, ids)
+        fns["scatter_blocks"] = lambda: scatter_blocks(records, caches, layout, ids)
     t = time_all(fns, device, args.repeat)
     mib = 2 * nbytes / 2**20
     clone = t.get("clone")
     case = f"{kind} {args.dtype}"
-    return [
+    blocks = [Row(f"{op} blocks", case, mib, t[f"{op}_blocks"], 2 * nbytes / t[f"{op}_blocks"] / 1e6,
+                  t[f"base_{op}"], t["copy"], clone) for op in ("gather", "scatter")] \
+        if whole_blocks else []
+    return blocks + [
         Row("gather", case, mib, t["gather"], 2 * nbytes / t["gather"] / 1e6,
             t["base_gather"], t["copy"], clone),
         Row("gather(out=)", case, mib, t["gather_out"], 2 * nbytes / t["gather_out"] / 1e6,
