@@ -157,6 +157,10 @@ class CacheMetrics:
             PREFIX + "plan_errors",
             "Requests whose load or store could not be planned in a step (loads recomputed)",
             registry=r)
+        self.lookups = Counter(
+            PREFIX + "lookups", "Lookups the scheduler asked, by how they were answered: `worker` "
+            "(a round trip to the worker's cache) or `reused` (a waiting request asked again, "
+            "answered from its pinned first answer)", ["answer"], registry=r)
         self.evictions = Counter(PREFIX + "evictions", "Chunks evicted, per tier", ["tier"], registry=r)
         self.tier_used_bytes = Gauge(PREFIX + "tier_used_bytes", "Bytes held, per tier", ["tier"],
                                      registry=r)

@@ -19,7 +19,7 @@ from lmcache_lab.engine import CacheEngine
 from lmcache_lab.experiments.replay import replay
 from lmcache_lab.experiments.trace import TraceRequest
 from lmcache_lab.integrations.vllm_cache import WorkerCache
-from lmcache_lab.integrations.vllm_plan import loadable_chunks
+from lmcache_lab.integrations.vllm_plan import servable_tokens
 from lmcache_lab.keys import Namespace
 from lmcache_lab.policies import OFFLINE, POLICIES, make_policy
 from lmcache_lab.tiers import MemoryTier
@@ -49,7 +49,7 @@ def live(prompts, policy: str, capacity: int) -> MemoryTier:
     cache = WorkerCache(engine)
     for r, tokens in enumerate(prompts):
         rid = f"req-{r}"
-        n = loadable_chunks(len(tokens), CS)
+        n = servable_tokens(len(tokens), CS, CS) // CS
         hit = cache.lookup(rid, tokens, n, 0)
         if hit:
             assert len(cache.read(rid, 0, hit)) == hit

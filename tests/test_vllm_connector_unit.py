@@ -9,7 +9,7 @@ import torch
 
 from lmcache_lab.engine import CacheEngine
 from lmcache_lab.integrations.vllm_cache import LookupClient, WorkerCache, socket_path
-from lmcache_lab.integrations.vllm_plan import Planner, loadable_chunks, slot_mapping
+from lmcache_lab.integrations.vllm_plan import Planner, servable_tokens, slot_mapping
 from lmcache_lab.keys import Namespace
 from lmcache_lab.metrics import CacheMetrics, DeltaTracker, MetricsDelta
 
@@ -43,9 +43,13 @@ def test_slot_mapping_is_block_table_arithmetic():
         slot_mapping(blocks, BS, 0, 13)
 
 
-@pytest.mark.parametrize("n,expect", [(0, 0), (1, 0), (8, 0), (9, 1), (16, 1), (17, 2)])
-def test_loadable_chunks_leave_one_token(n, expect):
-    assert loadable_chunks(n, CS) == expect
+@pytest.mark.parametrize("n,expect", [(0, 0), (1, 0), (7, 0), (8, 4), (9, 8), (12, 8), (16, 12),
+                                      (17, 16)])
+def test_servable_tokens_leave_one_token_and_cut_the_last_chunk_to_blocks(n, expect):
+    """Whole chunks; a chunk that ends the prompt is served up to its last whole block before
+    the prompt's last token (as vLLM's own prefix cache would), never below the chunks before."""
+    assert servable_tokens(n, CS, BS) == expect
+    assert servable_tokens(n, CS, CS) == max(0, n - 1) // CS * CS
 
 
 # ------------------------------------------------------------------------------ planner
@@ -61,10 +65,10 @@ class FakeLookup:
 def test_hit_is_chunk_aligned_and_leaves_a_token_to_compute():
     lk = FakeLookup(present=10)
     p = Planner(CS, BS, lk)
-    assert p.match("a", list(range(16)), 0) == (8, 8)        # 2 chunks stored, 1 loadable
+    assert p.match("a", list(range(16)), 0) == (12, 12)      # 2 chunks, the 2nd up to a block
     assert p.match("b", list(range(17)), 0) == (16, 16)
     assert p.match("c", list(range(7)), 0) == (0, 0)         # shorter than a chunk
-    assert lk.calls[0] == ("a", 16, 1, 0)
+    assert lk.calls[0] == ("a", 16, 2, 0)
 
 
 def test_local_prefix_hit_reduces_the_external_part():
@@ -175,6 +179,33 @@ def test_a_lookup_without_a_hit_is_released_too():
     p.match("a", list(range(30)), 0)
     p.allocated("a", 0)
     assert p.step([], [], {}).release == ["a"]
+
+
+def test_a_waiting_request_is_answered_from_its_pinned_first_lookup():
+    """vLLM asks again, every step, for a request it could not schedule: while the worker holds
+    the first answer's pins (same num_computed), the planner answers without a round trip."""
+    lk = FakeLookup(present=2)
+    p = Planner(CS, BS, lk)
+    assert p.match("a", list(range(30)), 0) == (16, 16)
+    assert p.match("a", list(range(30)), 0) == (16, 16)           # not scheduled: asked again
+    assert len(lk.calls) == 1 and p.reused_lookups == 1
+    assert p.match("a", list(range(30)), 8) == (8, 16)            # another local hit: ask
+    assert len(lk.calls) == 2
+    p.allocated("a", 8)                                           # pins now belong to the load
+    p.step([("a", list(range(8)), 8)], [], {"a": 22})
+    p.match("a", list(range(30)), 8)                              # e.g. preempted, back again
+    assert len(lk.calls) == 3
+
+
+def test_an_answer_that_pinned_nothing_is_asked_again():
+    """No pins, no guarantee: chunks stored since (another request with the same prefix) must
+    be found, so an empty answer is never reused."""
+    lk = FakeLookup(present=0)
+    p = Planner(CS, BS, lk)
+    assert p.match("a", list(range(30)), 0) == (0, 0)
+    lk.present = 2
+    assert p.match("a", list(range(30)), 0) == (16, 16)
+    assert len(lk.calls) == 2 and p.reused_lookups == 0
 
 
 def test_load_disabled_never_reports_hits_but_stores():

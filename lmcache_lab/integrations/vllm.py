@@ -55,9 +55,11 @@ from lmcache_lab.engine import CacheEngine
 from lmcache_lab.integrations.vllm_cache import (LookupClient, LookupServer, WorkerCache,
                                                   refuse_lookup, socket_path)
 from lmcache_lab.integrations.vllm_identity import model_fingerprint, pipeline_rank, request_identity
-from lmcache_lab.integrations.vllm_plan import LoadSpec, Planner, StepPlan, StoreSpec, loadable_chunks
+from lmcache_lab.integrations.vllm_plan import (LoadSpec, Planner, StepPlan, StoreSpec,
+                                                 servable_tokens)
 from lmcache_lab.integrations.vllm_support import unsupported_spec_reason
 from lmcache_lab.keys import Namespace
+from lmcache_lab.kernels.blocks import block_records, gather_blocks, scatter_blocks
 from lmcache_lab.kernels.layout import KVLayout, UnsupportedLayout
 from lmcache_lab.kernels.paged import gather, scatter
 from lmcache_lab.metrics import CacheMetrics, MetricsDelta
@@ -103,12 +105,13 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def make_namespace(vllm_config: "VllmConfig", config: CacheConfig, layout: KVLayout,
                    kv_dtype: torch.dtype, tp_rank: int, tp_size: int, pp_rank: int = 0,
-                   pp_size: int = 1) -> Namespace:
+                   pp_size: int = 1, block_native: bool = False) -> Namespace:
     """Everything engine-side that makes this engine's KV bytes differ from another's: the model
     (path, revision, and a fingerprint of its KV-relevant settings and weight files), the KV
     dtype and layout, the tensor- and pipeline-parallel rank (a pipeline stage holds other
-    layers), the codec. Per-request inputs (LoRA, cache salt) go into each request's chain root
-    instead (`vllm_identity.request_identity`)."""
+    layers), the codec, the chunk format (token-major or block-native records). Per-request
+    inputs (LoRA, cache salt) go into each request's chain root instead
+    (`vllm_identity.request_identity`)."""
     mc = vllm_config.model_config
     model = f"{mc.model}@{mc.revision or ''}#{model_fingerprint(vllm_config)}"
     mla = layout.v is None
@@ -119,6 +122,8 @@ def make_namespace(vllm_config: "VllmConfig", config: CacheConfig, layout: KVLay
     pc = vllm_config.parallel_config
     # context parallelism shards a request's KV by token across ranks: its sizes separate stores
     cp = f"dcp={pc.decode_context_parallel_size};pcp={pc.prefill_context_parallel_size}"
+    if block_native:     # the records are in the engine's own element order: its strides count
+        shape += f":blocks:{layout.layer_shape}:{layout.layer_strides()}"
     return Namespace(model=model, kv_dtype=_dtype_name(kv_dtype), layout=shape, tp_rank=tp_rank,
                      tp_size=tp_size, codec=config.codec,
                      extra=("mla;" if mla else "") + f"pp={pp_rank}/{pp_size};{cp}")
@@ -150,6 +155,7 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         self._layers: list[torch.Tensor] = []
         self._invalid_blocks: set[int] = set()
         self._stores_here = True      # False on tensor ranks > 0 of an MLA cache (rank 0 stores)
+        self._block_native = False    # chunks are whole block records (kernels/blocks.py)
         # scheduler side
         self._planner: Planner | None = None
         self._client: LookupClient | None = None
@@ -180,6 +186,7 @@ class LMCacheLabConnector(KVConnectorBase_V1):
 
     # ------------------------------------------------------------------ scheduler side
     def _lookup(self, req_id: str, prompt, max_chunks: int, skip: int, identity) -> int:
+        self.metrics.lookups.labels("worker").inc()
         errors = self._client.errors
         hit = self._client.lookup(req_id, prompt, max_chunks, skip, identity)
         if self._client.errors != errors:
@@ -198,12 +205,15 @@ class LMCacheLabConnector(KVConnectorBase_V1):
                 self.metrics.refused_requests.inc()
                 return 0, False
             planner = self._planner
+            reused = planner.reused_lookups
             ext, _hit = planner.match(request.request_id, request.prompt_token_ids,
                                       num_computed_tokens, identity)
+            if planner.reused_lookups != reused:
+                self.metrics.lookups.labels("reused").inc()
             t = planner.requests[request.request_id]
             if not t.counted:
                 t.counted = True
-                lookup = loadable_chunks(t.prompt_len, planner.chunk_size) * planner.chunk_size
+                lookup = servable_tokens(t.prompt_len, planner.chunk_size, planner.block_size)
                 self.metrics.record_lookup(lookup, min(num_computed_tokens, lookup))
             return ext, False
         except Exception:
@@ -270,15 +280,22 @@ class LMCacheLabConnector(KVConnectorBase_V1):
             self._refused = LookupServer(path, self._authkey, refuse_lookup)
             atexit.register(self._refused.close)
             return
+        # Whole block records where the layout has them, the chunk is whole blocks and no codec
+        # needs the token-major [2, L, N, H*D] form: one row copy per block and layer.
+        self._block_native = (self.config.codec == "none"
+                              and self.config.chunk_size % self._layout.block_size == 0
+                              and block_records(self._layout) is not None)
         ns = make_namespace(self._vllm_config, self.config, self._layout, self._layers[0].dtype,
-                            tp_rank, tp_size, pp_rank, pp_size)
+                            tp_rank, tp_size, pp_rank, pp_size, self._block_native)
         # MLA: one copy for all tensor ranks (make_namespace drops the rank), written by rank 0
         self._stores_here = self._layout.v is not None or tp_rank == 0
         self._cache = WorkerCache(CacheEngine(self.config, namespace=ns))
         self._cache.serve(path, self._authkey)
         atexit.register(self._cache.close)
-        log.info("lmcache_lab: %s layout, %d layers, chunk_size %d, tiers %s, namespace %s",
-                 self._layout.name, self._layout.num_layers, self.config.chunk_size,
+        log.info("lmcache_lab: %s layout (%s chunks), %d layers, chunk_size %d, tiers %s, "
+                 "namespace %s", self._layout.name,
+                 "block-native" if self._block_native else "token-major",
+                 self._layout.num_layers, self.config.chunk_size,
                  [t.name for t in self._cache.engine.tiers], ns)
 
     def _describe_caches(self, kv_caches: dict[str, torch.Tensor]) -> str:
@@ -372,9 +389,8 @@ class LMCacheLabConnector(KVConnectorBase_V1):
             slots = torch.from_numpy(spec.slots).to(device)
             for i, chunk in enumerate(chunks, first):
                 a, b = max(spec.start, i * cs), min(spec.end, (i + 1) * cs)
-                part = chunk if b - a == cs else chunk[:, :, a - i * cs:b - i * cs].contiguous()
-                scatter(part.to(device, non_blocking=True), self._layers, self._layout,
-                        slots[a - spec.start:b - spec.start])
+                self._scatter(chunk.to(device, non_blocking=True), a - i * cs, b - i * cs,
+                              slots[a - spec.start:b - spec.start])
                 loaded_to = b
         except Exception:
             log.exception("lmcache_lab: loading request %s failed; its blocks are recomputed",
@@ -387,6 +403,25 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         self._cache.count(loaded_tokens=loaded_to - spec.start,
                           failed_load_tokens=spec.end - loaded_to)
         self._cache.deltas.observe_load(time.perf_counter() - t0)
+
+    def _scatter(self, chunk: torch.Tensor, a: int, b: int, slots: torch.Tensor) -> None:
+        """Write tokens [a, b) of `chunk` into the engine's cache at `slots`."""
+        if not self._block_native:
+            part = chunk if b - a == chunk.shape[2] else chunk[:, :, a:b].contiguous()
+            scatter(part, self._layers, self._layout, slots)
+            return
+        n = self._layout.block_size
+        if a % n or b % n:      # vLLM's computed tokens are whole blocks: never expected
+            raise ValueError(f"tokens [{a}, {b}) of a block-native chunk are not whole "
+                             f"{n}-token blocks")
+        scatter_blocks(chunk[:, a // n:b // n], self._layers, self._layout, slots[::n] // n)
+
+    def _gather(self, slots: torch.Tensor) -> torch.Tensor:
+        """A fresh chunk of the tokens at `slots` (one chunk, starting at a block boundary)."""
+        if not self._block_native:
+            return gather(self._layers, self._layout, slots)    # [2|1, L, cs, H*D]
+        n = self._layout.block_size
+        return gather_blocks(self._layers, self._layout, slots[::n] // n)   # [L, cs/n, R]
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads are synchronous: done before the forward pass starts
@@ -413,7 +448,7 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         for i in missing:
             try:
                 off = (i - spec.first_chunk) * cs
-                chunk = gather(self._layers, self._layout, slots[off:off + cs])  # [2|1, L, cs, H*D]
+                chunk = self._gather(slots[off:off + cs])
                 self._cache.write(keys, i, chunk if chunk.device.type == "cpu" else chunk.cpu())
             except Exception:
                 log.exception("lmcache_lab: storing chunk %d of request %s failed; it will be "

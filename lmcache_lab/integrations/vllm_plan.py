@@ -8,12 +8,19 @@ copy out after it. Token positions, chunk indices and slots relate as
     slot(t)   = block_ids[t // block_size] * block_size + t % block_size
 
 Invariants:
-  * a reported hit is a whole number of chunks, ends at most at `len(prompt) - 1` (at least one
-    prompt token is always computed, so the engine has logits to sample from), and covers only
-    chunks that the cache found present *and pinned in the same critical section*: nothing can
-    evict them before the worker has loaded them;
+  * a reported hit ends at most at `len(prompt) - 1` (at least one prompt token is always
+    computed, so the engine has logits to sample from) and covers only chunks that the cache
+    found present *and pinned in the same critical section*: nothing can evict them before the
+    worker has loaded them. It is a whole number of chunks, except that the prompt's last full
+    chunk, when it ends the prompt, is served up to the last whole block before the prompt's
+    last token (`servable_tokens`): a repeated prompt hits as far as the engine's own prefix
+    cache would;
   * pins belong to the request inside the cache (worker side); they are dropped after its load,
     when it is looked up again, when the scheduler declines the hit, or when it finishes;
+  * vLLM asks again for a waiting request it could not schedule (every step until it can): a
+    request whose chunks the cache holds pinned for it, asked with the same `num_computed`, is
+    answered from the first lookup without asking the worker (the pins guarantee the answer
+    still holds); an answer that pinned nothing is asked again (chunks may have arrived since);
   * a load covers exactly the tokens vLLM counts as external: [num_computed, num_computed +
     num_external), where num_computed is what vLLM passed to `get_num_new_matched_tokens` and
     num_external what it accepted in `update_state_after_alloc` (vLLM may trim the hit from the
@@ -45,9 +52,13 @@ def slot_mapping(block_ids: np.ndarray, block_size: int, start: int, end: int) -
     return block_ids[tok // block_size] * block_size + tok % block_size          # [end - start]
 
 
-def loadable_chunks(prompt_len: int, chunk_size: int) -> int:
-    """Chunks a hit may cover: full chunks that leave at least one prompt token to compute."""
-    return max(0, prompt_len - 1) // chunk_size
+def servable_tokens(prompt_len: int, chunk_size: int, block_size: int) -> int:
+    """Most prompt tokens a hit may cover: the full chunks, the last of them cut to whole blocks
+    when it would leave no prompt token to compute."""
+    n = prompt_len // chunk_size
+    if n * chunk_size <= prompt_len - 1:
+        return n * chunk_size
+    return max(0, (n - 1) * chunk_size, (prompt_len - 1) // block_size * block_size)
 
 
 @dataclass
@@ -86,11 +97,13 @@ class RequestTracker:
     prompt_len: int
     num_chunks: int                   # full prompt chunks
     hit_chunks: int = 0               # leading chunks the lookup found (and the worker pinned)
+    hit_tokens: int = 0               # what they serve (`servable_tokens` caps the last one)
     matched_from: int = 0             # num_computed vLLM passed with the lookup: loads start here
     load: tuple[int, int] | None = None                 # token range to load, once allocated
     block_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     stored_chunks: int = 0            # chunks [0, stored_chunks) are present or planned
     counted: bool = False             # lookup metrics recorded once per request
+    pinned: bool = False              # the worker holds this request's hit pinned (not yet allocated)
 
     @property
     def done(self) -> bool:
@@ -117,6 +130,7 @@ class Planner:
         self._release: list[str] = []
         self._finished: list[str] = []
         self.errors = 0                   # plans that failed (logged; recomputed or not stored)
+        self.reused_lookups = 0           # repeated lookups answered from the pinned first answer
 
     # ---- lookup (get_num_new_matched_tokens) ----------------------------------------------------
     def match(self, req_id: str, prompt: Sequence[int], num_computed: int,
@@ -124,15 +138,20 @@ class Planner:
         """Returns (tokens to load beyond `num_computed`, hit tokens)."""
         cs = self.chunk_size
         t = self.requests.get(req_id)
-        if t is None:
-            t = self.requests[req_id] = RequestTracker(req_id, len(prompt), len(prompt) // cs)
-        t.load = None
-        t.matched_from = num_computed
-        wanted = loadable_chunks(t.prompt_len, cs) if self.load_enabled else 0
-        # Always ask (also with nothing to load): the cache keys the prompt for later stores.
-        t.hit_chunks = self._lookup(req_id, prompt, wanted, num_computed // cs, identity)
-        hit_tokens = t.hit_chunks * cs
-        return max(0, hit_tokens - num_computed), hit_tokens
+        if t is not None and t.pinned and t.matched_from == num_computed:
+            self.reused_lookups += 1
+        else:
+            if t is None:
+                t = self.requests[req_id] = RequestTracker(req_id, len(prompt), len(prompt) // cs)
+            t.load = None
+            t.matched_from = num_computed
+            servable = servable_tokens(t.prompt_len, cs, self.block_size)
+            wanted = -(-servable // cs) if self.load_enabled else 0
+            # Always ask (also with nothing to load): the cache keys the prompt for later stores.
+            t.hit_chunks = self._lookup(req_id, prompt, wanted, num_computed // cs, identity)
+            t.hit_tokens = min(t.hit_chunks * cs, servable)
+            t.pinned = t.hit_chunks > num_computed // cs
+        return max(0, t.hit_tokens - num_computed), t.hit_tokens
 
     # ---- allocation (update_state_after_alloc) --------------------------------------------------
     def allocated(self, req_id: str, num_external: int) -> None:
@@ -141,18 +160,19 @@ class Planner:
         t = self.requests.get(req_id)
         if t is None:
             return
+        t.pinned = False        # from here the pins are the load's (or released below)
         if num_external <= 0:
             # also without a hit: a lookup answered after its timeout may still have pinned
             self._release.append(req_id)
             return
         start = t.matched_from
         end = start + num_external
-        if end > t.hit_chunks * self.chunk_size:
+        if end > t.hit_tokens:
             # never asked for by this planner; loaded as far as the cache has it, the rest fails
             # to load and is recomputed (the worker reports its blocks invalid)
             self.errors += 1
             log.error("lmcache_lab: request %s: vLLM accepted %d external tokens from %d, beyond "
-                      "the hit of %d", req_id, num_external, start, t.hit_chunks * self.chunk_size)
+                      "the hit of %d", req_id, num_external, start, t.hit_tokens)
         t.load = (start, end)
 
     # ---- per step (build_connector_meta) --------------------------------------------------------

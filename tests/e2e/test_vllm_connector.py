@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_e2e import free_port, make_prompts, run_engine
+from vllm_e2e import chunks_read, free_port, loadable, make_prompts, run_engine
 
 pytestmark = pytest.mark.e2e
 
@@ -42,9 +42,9 @@ RUN = [gen(["long"]), gen(["diverge", "exact", "short"]), gen(NAMES)]
 def hits(chunk: int) -> tuple[list[int], list[int]]:
     """Expected num_cached_tokens of op1 and op2: the chunk-aligned cached prefix, leaving at
     least one prompt token to compute."""
-    loadable = {n: (len(p) - 1) // chunk * chunk for n, p in PROMPTS.items()}
-    op1 = [min(300 // chunk * chunk, loadable["diverge"]), 0, 0]
-    return op1, [loadable[n] for n in NAMES]
+    served = {n: loadable(len(p), chunk) for n, p in PROMPTS.items()}
+    op1 = [min(300 // chunk * chunk, served["diverge"]), 0, 0]
+    return op1, [served[n] for n in NAMES]
 
 
 class Engines:
@@ -120,7 +120,7 @@ def test_after_reset_num_cached_tokens_is_the_chunk_aligned_prefix(engines):
     op1, op2 = hits(256)
     assert cached(run, 0) == [0]
     assert cached(run, 1) == op1 == [256, 0, 0]
-    assert cached(run, 2) == op2 == [512, 512, 256, 0]
+    assert cached(run, 2) == op2 == [512, 512, 384, 0]    # exact: 2nd chunk up to its 1st block
 
 
 def test_metrics_endpoint_counts_hits_and_bytes(engines):
@@ -129,12 +129,14 @@ def test_metrics_endpoint_counts_hits_and_bytes(engines):
     assert m["lmcache_lab_requests_total"] == 8
     assert m["lmcache_lab_engine_prefix_hit_tokens_total"] == 0     # APC reset before each
     assert m["lmcache_lab_hit_tokens_total"] == sum(op1) + sum(op2)
-    assert m["lmcache_lab_lookup_tokens_total"] == 512 + (512 + 256) + (512 + 512 + 256)
+    assert m["lmcache_lab_lookup_tokens_total"] == 512 + (512 + 384) + (512 + 512 + 384)
     assert m["lmcache_lab_stored_chunks_total"] == 2 + 1 + 2        # long 2, diverge 1 new, exact 2
-    assert m["lmcache_lab_retrieved_chunks_total"] == (sum(op1) + sum(op2)) // 256
+    read = sum(chunks_read(h, 256) for h in op1 + op2)
+    assert read == 1 + 2 + 2 + 2
+    assert m["lmcache_lab_retrieved_chunks_total"] == read
     chunk_bytes = 2 * 2 * 256 * 2 * 64 * 4                         # K+V, 2 layers, 256 tok, 2x64, fp32
     assert m["lmcache_lab_stored_bytes_total"] == 5 * chunk_bytes
-    assert m["lmcache_lab_retrieved_bytes_total"] == chunk_bytes * (sum(op1) + sum(op2)) // 256
+    assert m["lmcache_lab_retrieved_bytes_total"] == chunk_bytes * read
     assert m['lmcache_lab_tier_chunks{tier="cpu"}'] == 5
     assert m['lmcache_lab_tier_used_bytes{tier="cpu"}'] == 5 * chunk_bytes
     assert m["lmcache_lab_load_failures_total"] == 0
@@ -165,7 +167,8 @@ def test_chunk_lost_between_lookup_and_load_is_recomputed_and_counted(engines):
     assert tokens(run, 2) == [ref[NAMES.index("long")]]
     m = run["results"][3]
     assert m["lmcache_lab_load_failures_total"] == 1
-    assert m["lmcache_lab_retrieved_chunks_total"] == 5 + 1         # op0 all, op2 chunk 0 only
+    op0 = sum(chunks_read(h, 256) for h in hits(256)[1])
+    assert m["lmcache_lab_retrieved_chunks_total"] == op0 + 1       # op0 all, op2 chunk 0 only
     assert m["lmcache_lab_stored_chunks_total"] == 1                # the lost chunk, recomputed
 
 

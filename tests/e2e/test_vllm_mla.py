@@ -27,7 +27,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vllm_e2e import MODELS_DIR, free_port, make_prompts, run_engine
+from vllm_e2e import MODELS_DIR, chunks_read, free_port, loadable, make_prompts, run_engine
 
 e2e = pytest.mark.e2e          # the engine tests; the connector unit tests below start no engine
 
@@ -36,6 +36,7 @@ NAMES = list(PROMPTS)                 # long 700, diverge 550 (300 shared), exac
 ALL = [PROMPTS[n] for n in NAMES]
 MAX_TOKENS = 8
 CHUNK = 256                           # 16 blocks of CPU_MLA's forced block size 16
+MLA_BLOCK = 16
 LAYERS, LATENT = 2, 512 + 64          # the latent cache: one head of kv_lora_rank + rope dims
 
 
@@ -59,9 +60,9 @@ RUN = [gen(["long"]), gen(["diverge", "exact", "short"]), gen(NAMES)]
 def hits(chunk: int) -> tuple[list[int], list[int]]:
     """Expected num_cached_tokens of op1 and op2: the chunk-aligned cached prefix, leaving at
     least one prompt token to compute."""
-    loadable = {n: (len(p) - 1) // chunk * chunk for n, p in PROMPTS.items()}
-    op1 = [min(300 // chunk * chunk, loadable["diverge"]), 0, 0]
-    return op1, [loadable[n] for n in NAMES]
+    served = {n: loadable(len(p), chunk, MLA_BLOCK) for n, p in PROMPTS.items()}
+    op1 = [min(300 // chunk * chunk, served["diverge"]), 0, 0]
+    return op1, [served[n] for n in NAMES]
 
 
 class Engines:
@@ -121,7 +122,7 @@ def test_mla_engine_is_deterministic_and_uses_the_latent_cache(mla_engines):
     ref = tokens(run, 0)
     assert all(len(t) == MAX_TOKENS for t in ref)
     assert len({tuple(t) for t in ref}) == len(ref)      # distinct prompts, distinct outputs
-    assert run["kv_cache"]["block_size"] == 16            # CPU_MLA's forced block size
+    assert run["kv_cache"]["block_size"] == MLA_BLOCK     # CPU_MLA's forced block size
     assert cached(run, 0) == [0, 0, 0, 0]                 # no prefix cache of vLLM's own on MLA
 
 
@@ -147,7 +148,7 @@ def test_mla_hits_are_the_chunk_aligned_prefix(mla_engines):
     op1, op2 = hits(CHUNK)
     assert cached(run, 0) == [0]
     assert cached(run, 1) == op1 == [256, 0, 0]
-    assert cached(run, 2) == op2 == [512, 512, 256, 0]
+    assert cached(run, 2) == op2 == [512, 512, 496, 0]    # exact: 2nd chunk up to a 16-block
 
 
 @e2e
@@ -158,7 +159,8 @@ def test_mla_chunks_are_k_only_and_counted_in_bytes(mla_engines):
     chunk_bytes = 1 * LAYERS * CHUNK * LATENT * 4                  # K only, fp32
     assert m["lmcache_lab_stored_chunks_total"] == 2 + 1 + 2        # long 2, diverge 1, exact 2
     assert m["lmcache_lab_stored_bytes_total"] == 5 * chunk_bytes
-    assert m["lmcache_lab_retrieved_bytes_total"] == chunk_bytes * (sum(op1) + sum(op2)) // CHUNK
+    read = sum(chunks_read(h, CHUNK) for h in op1 + op2)
+    assert m["lmcache_lab_retrieved_bytes_total"] == chunk_bytes * read
     assert m['lmcache_lab_tier_used_bytes{tier="cpu"}'] == 5 * chunk_bytes
     assert m["lmcache_lab_load_failures_total"] == 0
     assert m["lmcache_lab_store_failures_total"] == 0

@@ -50,7 +50,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 from redis_servers import REDIS_SERVER, RedisProcess  # noqa: E402
-from vllm_e2e import free_port, loadable, run_engine, run_engines_at_once  # noqa: E402
+from vllm_e2e import chunks_read, free_port, loadable, run_engine, run_engines_at_once  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -457,6 +457,10 @@ def test_abort_scenario_looks_up_and_never_loads_the_victim(engines):
     want = loadable(len(P["victim"]), CHUNK)
     assert cached(run, 0) == [0] and want > 0
     assert r["victim_matched"] and all(m == want for m in r["victim_matched"]), r["victim_matched"]
+    # vLLM asked again every step the victim waited; only the first asked the worker
+    reused = metric(r["metrics_before_abort"], 'lmcache_lab_lookups_total{answer="reused"}')
+    assert len(r["victim_matched"]) >= 2 and reused >= len(r["victim_matched"]) - 1, (
+        reused, r["victim_matched"])
     assert r["victim_allocated"] == [] and r["victim_status"] == "WAITING", r
     assert r["victim_computed_tokens"] == 0 and r["victim_outputs"] == 0, r
     assert r["blocker_tokens"] is not None and len(r["blocker_tokens"]) == 200
@@ -469,7 +473,7 @@ def test_request_aborted_between_lookup_and_load_leaves_no_pin(engines):
     assert cached(run, 3) == [loadable(len(P["victim"]), CHUNK)]    # its chunks still serve
     # while the victim waited, its promised chunks were pinned (the gauge does see pins) ...
     before = metric(run["results"][2]["metrics_before_abort"], "lmcache_lab_pinned_chunks")
-    promised = loadable(len(P["victim"]), CHUNK) // CHUNK
+    promised = chunks_read(loadable(len(P["victim"]), CHUNK), CHUNK)
     assert before >= promised, (f"{before:.0f} chunks pinned while the victim waited for blocks; "
                                 f"its lookup promised {promised}")
     # ... and none is left once it was aborted and the other requests finished

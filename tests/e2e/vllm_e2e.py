@@ -58,10 +58,22 @@ def scrape_metrics(port: int) -> dict[str, float]:
     return scrape(port)
 
 
-def loadable(prompt_len: int, chunk: int) -> int:
-    """Tokens of a prompt the connector can serve: its full chunks, leaving at least one prompt
-    token to compute (the engine needs logits to sample from)."""
-    return max(0, prompt_len - 1) // chunk * chunk
+CPU_BLOCK = 128     # vLLM's CPU_ATTN block size (the MLA tests pass CPU_MLA's 16)
+
+
+def loadable(prompt_len: int, chunk: int, block: int = CPU_BLOCK) -> int:
+    """Tokens of a prompt whose chunks are all stored that the connector serves: its full
+    chunks, leaving at least one prompt token to compute (the engine needs logits to sample
+    from); a chunk ending the prompt is served up to its last whole block before that token."""
+    full = prompt_len // chunk * chunk
+    if full < prompt_len:
+        return full
+    return max(0, full - chunk, (prompt_len - 1) // block * block)
+
+
+def chunks_read(hit: int, chunk: int) -> int:
+    """Chunks a load of `hit` tokens reads (a partly served chunk is read whole)."""
+    return -(-hit // chunk)
 
 
 def run_engines_at_once(specs: list[tuple[dict, bool, Path]]) -> list[dict]:
