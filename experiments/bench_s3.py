@@ -17,7 +17,7 @@ loopback; `--endpoint-url`/`--url` point it at MinIO or AWS S3 instead):
               max_tokens=1 (median over the prompts). Ratios: B's S3-warm / A's APC-warm and
               B's S3-warm / B's cold, at each `--tokens` length.
 
-    python -m lmcache_lab.experiments.bench_s3 [--repeat 3] [--tokens 2000 8000] [--prompts 3]
+    python -m lmcache_lab.experiments.bench_s3 [--repeat 5] [--tokens 2000 8000] [--prompts 3]
         [--url s3://bucket/prefix --endpoint-url http://minio:9000] [--skip-ttft] [--json out.json]
 
 Credentials come from the standard AWS chain (`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`,
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--endpoint-url", help="an S3-compatible endpoint such as http://minio:9000 (default: "
                                            "AWS S3 when --url is given, else the local moto_server)")
     ap.add_argument("--region")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--only", help="throughput: only the chunk sizes whose name contains this")
     ap.add_argument("--tokens", type=int, nargs="*", default=[2000, 8000], help="TTFT prompt lengths")
     ap.add_argument("--prompts", type=int, default=3)
