@@ -14,6 +14,13 @@ Per request, in order (what a live engine does at lookup, load and store):
 Offline policies (`belady`, `belady_prefix`) get the future: `prepare(chains)` with every
 request's block ids before the tier is built, and `advance(r)` before request `r` is served.
 
+A trace captured by the connector (`trace.path`; its metadata in `trace.trace_meta`) is replayed
+as the capturing cache ran: a block is one chunk of `chunk_tokens` tokens and `chunk_bytes`
+bytes, the capacity is the CPU tier's `capacity_bytes` (unless `workload.capacity_fraction` is
+given on the command line), and tokens count as the connector counts them: a request's lookup
+tokens are its servable tokens (`servable_tokens`, with the engine's block size) and its hit is
+its cached chunks' tokens, capped there.
+
 Metrics besides hit rates (summary.json): prefill FLOPs saved (`lmcache_lab.cost`), bytes written
 to the tier (every stored block; write amplification for disk/Redis), bytes loaded from it, and a
 TTFT estimate per request from `TTFTModel` (prefill of the missed tokens at their positions + load
@@ -29,7 +36,9 @@ from typing import Sequence
 import numpy as np
 
 from lmcache_lab.cost import MODELS, ModelCost, TTFTModel
-from lmcache_lab.experiments.trace import BLOCK_TOKENS, TraceRequest, load_trace, unique_blocks
+from lmcache_lab.experiments.trace import (BLOCK_TOKENS, TraceRequest, load_trace, trace_meta,
+                                           unique_blocks)
+from lmcache_lab.integrations.vllm_plan import servable_tokens
 from lmcache_lab.policies import EvictionPolicy, make_policy
 from lmcache_lab.tiers import MemoryTier
 
@@ -63,10 +72,14 @@ class ReplayResult:
 
 
 def replay(requests: Sequence[TraceRequest], tier: MemoryTier, model: ModelCost,
-           block_tokens: int = BLOCK_TOKENS, progress: bool = False) -> ReplayResult:
+           block_tokens: int = BLOCK_TOKENS, progress: bool = False,
+           block_bytes: int | None = None, engine_block: int | None = None) -> ReplayResult:
+    """`block_bytes`: a block's size (default: its tokens' KV in `model`); `engine_block`: the
+    engine block size of a captured trace, whose tokens then count as the connector counts
+    them (`servable_tokens`)."""
     R = len(requests)
     hit_list: list[int] = []
-    block = Placeholder(block_tokens * model.kv_bytes_per_token)
+    block = Placeholder(block_bytes or block_tokens * model.kv_bytes_per_token)
     prefix_length, put_chain, touch = tier.prefix_length, tier.put_chain, tier.touch
 
     iterator = requests
@@ -89,9 +102,14 @@ def replay(requests: Sequence[TraceRequest], tier: MemoryTier, model: ModelCost,
     seconds = time.perf_counter() - t0
     hit_blocks = np.asarray(hit_list, dtype=np.int64)
     blocks = np.fromiter((len(req.hash_ids) for req in requests), dtype=np.int64, count=R)
-    tokens = np.fromiter(((len(req.hash_ids) - 1) * block_tokens + req.last_block_tokens(block_tokens)
-                          for req in requests), dtype=np.int64, count=R)
-    hit_tokens = np.where(hit_blocks < blocks, hit_blocks * block_tokens, tokens)
+    if engine_block is None:
+        tokens = np.fromiter(((len(req.hash_ids) - 1) * block_tokens + req.last_block_tokens(block_tokens)
+                              for req in requests), dtype=np.int64, count=R)
+        hit_tokens = np.where(hit_blocks < blocks, hit_blocks * block_tokens, tokens)
+    else:
+        tokens = np.fromiter((servable_tokens(req.input_length, block_tokens, engine_block)
+                              for req in requests), dtype=np.int64, count=R)
+        hit_tokens = np.minimum(hit_blocks * block_tokens, tokens)
     # sum over hit chunks of chunk_flops(c, i*c) telescopes to prefix_flops(hit tokens)
     return ReplayResult(hit_blocks, blocks, hit_tokens, tokens,
                         flops_saved=float(model.prefix_flops(hit_tokens.astype(np.float64)).sum()) if R else 0.0,
@@ -148,10 +166,11 @@ def ttft_stats(result: ReplayResult, model: ModelCost, ttft: TTFTModel, block_by
 
 
 def capacity_for(workload, requests: Sequence[TraceRequest], block_bytes: int,
-                 default_bytes: int) -> tuple[int, int]:
+                 default_bytes: int, use_fraction: bool = True) -> tuple[int, int]:
     """(capacity_blocks, capacity_bytes): `capacity_fraction` of the trace's unique blocks when
-    given, else `capacity_bytes` (or the CPU tier's budget) rounded down to whole blocks."""
-    fraction = workload.get("capacity_fraction")
+    given (and `use_fraction`), else `capacity_bytes` (or the CPU tier's budget) rounded down to
+    whole blocks."""
+    fraction = workload.get("capacity_fraction") if use_fraction else None
     if fraction is not None:
         if not 0 <= float(fraction) <= 1:
             raise ValueError(f"workload.capacity_fraction: must be in [0, 1], got {fraction!r}")
@@ -175,6 +194,23 @@ def _load(trace, limit, model: ModelCost, block_tokens: int):
     return _LOADED[key]
 
 
+def captured_block_bytes(meta: dict, trace) -> int:
+    """A captured chunk's stored size, or a ValueError naming what is missing."""
+    if not meta.get("chunk_bytes"):
+        raise ValueError(f"workload.trace: {trace} is a captured trace without chunk_bytes (no chunk "
+                         "was stored while it was captured), so its chunks cannot be sized")
+    return int(meta["chunk_bytes"])
+
+
+def _given(key: str) -> bool:
+    """Whether `key` was set on the command line of this Hydra run (False outside one)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return False
+    return any(o.split("=", 1)[0].lstrip("+~") == key for o in HydraConfig.get().overrides.task)
+
+
 def run_replay(cfg, out_dir: Path) -> dict:
     """Replay `cfg.workload.trace` under `cfg.policy` and write summary.json + plots."""
     from omegaconf import OmegaConf
@@ -187,13 +223,17 @@ def run_replay(cfg, out_dir: Path) -> dict:
     wl = cfg.workload
     model = MODELS[cfg.model.name] if "name" in cfg.model and cfg.model.name in MODELS else ModelCost(
         **{k: cfg.model[k] for k in ("n_params", "n_layers", "d_attn", "kv_bytes_per_token")})
-    block_tokens = int(wl.get("block_tokens", BLOCK_TOKENS))
+    meta = trace_meta(wl.trace)
+    block_tokens = int(meta.get("chunk_tokens") or wl.get("block_tokens", BLOCK_TOKENS))
     requests, n_unique, (inf_hit, inf_flops) = _load(wl.trace, wl.get("limit"), model, block_tokens)
-    block_bytes = block_tokens * model.kv_bytes_per_token
-    cap_blocks, cap_bytes = capacity_for(wl, requests, block_bytes, cache_cfg.tiers.cpu.capacity_bytes)
+    block_bytes = captured_block_bytes(meta, wl.trace) if meta else block_tokens * model.kv_bytes_per_token
+    use_fraction = not meta or _given("workload.capacity_fraction")
+    cap_blocks, cap_bytes = capacity_for(wl, requests, block_bytes, cache_cfg.tiers.cpu.capacity_bytes,
+                                         use_fraction)
     policy = make_policy(cache_cfg.policy.name, chunk_tokens=block_tokens, **cache_cfg.policy.params)
     tier = replay_tier(requests, policy, cap_bytes)
-    result = replay(requests, tier, model, block_tokens, progress=bool(cfg.get("progress", True)))
+    result = replay(requests, tier, model, block_tokens, progress=bool(cfg.get("progress", True)),
+                    block_bytes=block_bytes, engine_block=meta.get("block_size"))
     exp = cfg.get("experiment", {})
     ttft = TTFTModel(**{k: float(v) for k, v in exp.get("ttft", {}).items()})
 
@@ -201,7 +241,8 @@ def run_replay(cfg, out_dir: Path) -> dict:
         "experiment": "replay",
         "policy": cache_cfg.policy.name,
         "trace": str(wl.trace),
-        "capacity_fraction": wl.get("capacity_fraction"),
+        "capacity_fraction": wl.get("capacity_fraction") if use_fraction else None,
+        "captured": meta or None,
         "capacity_blocks": cap_blocks,
         "capacity_bytes": cap_bytes,
         "block_tokens": block_tokens,
@@ -225,6 +266,7 @@ def run_replay(cfg, out_dir: Path) -> dict:
         **ttft_stats(result, model, ttft, block_bytes),
         "ttft_model": ttft.describe(),
         **result.extra,
+        **(policy.replay_stats() if hasattr(policy, "replay_stats") else {}),   # e.g. a learned policy's training cost
     }
     report.write_summary(out_dir, summary, cfg)
     report.plot_hit_rate_over_time(out_dir / "hit_rate_over_time.png", result.hit_blocks, result.blocks,

@@ -149,8 +149,9 @@ class LearnedPolicy(ScoredPolicy):
         self._new_labels = 0
         self.training_seconds += time.perf_counter() - t0
 
-    def training_report(self) -> str:
-        return f"fits={self.fits} training_s={self.training_seconds:.2f}"
+    def replay_stats(self) -> dict:
+        """Training cost, reported by the replay beside the hit rate."""
+        return {"model_fits": self.fits, "training_seconds": self.training_seconds}
 
     # ---- hooks ----------------------------------------------------------------------------------
     def _stored(self, key, info):
