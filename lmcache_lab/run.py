@@ -1,21 +1,26 @@
-"""Hydra entry point: `python -m lmcache_lab.run [+]policy=lfu [experiment=...] [key=value ...]`.
+"""Hydra entry point: `python -m lmcache_lab.run [+]policy=lfu [experiment=...] [key=value ...]`
+(installed as the `lmcache-lab` command, which does the same).
 
 The experiment named by `experiment` (a config group in conf/experiment/) runs with the composed
 config and writes into Hydra's run directory. Groups that have a default (policy, workload, ...)
 accept both `group=option` and `+group=option`: `+` appends a group that is *not* in the defaults
 list, and Hydra refuses it for one that is, so the entry point rewrites `+group=` to `group=` for
 those groups before Hydra reads the command line.
+
+The configs are found through the package `lmcache_lab.conf` (the checkout's `conf/`, shipped in
+the wheel), so the entry point works from any directory.
 """
 from __future__ import annotations
 
 import sys
+from importlib import resources
 from pathlib import Path
 
 import hydra
 import yaml
 from omegaconf import DictConfig
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(str(resources.files("lmcache_lab.conf")))
 
 
 def groups_with_default(conf_dir: Path = CONF_DIR) -> set[str]:
