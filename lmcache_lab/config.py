@@ -15,6 +15,8 @@ Hydra's composed config and from the vLLM connector's `kv_connector_extra_config
     write_behind: {max_bytes: 256MiB}              # pending writes to disk/Redis; beyond: skipped
     lookup_timeout_s: 2.0                          # vLLM scheduler's wait for a lookup; then a miss
     store_secret: null        # a literal, file:/path or env:NAME; authenticates shared tiers' values
+    observability: {ghost_entries: 100000}         # evicted keys remembered for miss reasons
+    trace: {path: null, sample: 1.0}               # capture requests as a Mooncake trace (JSONL)
 
 Invariants are checked in `__post_init__`, so an invalid value fails at start-up with one
 `ConfigError` that names the key and what is allowed.
@@ -295,6 +297,36 @@ class WriteBehindConfig:
 
 
 @dataclass
+class ObservabilityConfig:
+    """`ghost_entries`: chunks no longer held whose fate (evicted by which tier, store skipped)
+    is remembered to give a miss its reason (`lmcache_lab.observe.GhostIndex`); 0 turns it off
+    (every such miss then reads `never_stored`)."""
+    ghost_entries: int = 100_000
+
+    def __post_init__(self):
+        if isinstance(self.ghost_entries, bool) or not isinstance(self.ghost_entries, int) \
+                or self.ghost_entries < 0:
+            raise ConfigError(f"observability.ghost_entries: must be an integer >= 0, "
+                              f"got {self.ghost_entries!r}")
+
+
+@dataclass
+class TraceConfig:
+    """Capture each request as a line of a Mooncake trace at `path` (off while null); `sample`
+    keeps that fraction of requests, chosen by their first chunk."""
+    path: str | None = None
+    sample: float = 1.0
+
+    def __post_init__(self):
+        if self.path is not None and not isinstance(self.path, (str, os.PathLike)):
+            raise ConfigError(f"trace.path: must be a file path or null, got {self.path!r}")
+        if isinstance(self.sample, bool) or not isinstance(self.sample, (int, float)) \
+                or not 0 < self.sample <= 1:
+            raise ConfigError(f"trace.sample: must be a number in (0, 1], got {self.sample!r}")
+        self.path = None if self.path is None else str(self.path)
+
+
+@dataclass
 class CacheConfig:
     chunk_size: int = 256
     hash: str = "sha256"
@@ -304,6 +336,8 @@ class CacheConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     write_behind: WriteBehindConfig = field(default_factory=WriteBehindConfig)
     lookup_timeout_s: float = 2.0
+    observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
+    trace: TraceConfig = field(default_factory=TraceConfig)
     # With a secret, chunk keys are rooted in it and every value in a shared tier (disk, Redis, S3)
     # carries a MAC under it (docs/security.md). Never serialized by `to_dict`: processes get it
     # from their own config file or environment (LMCACHE_LAB_STORE_SECRET=file:/path).
@@ -362,7 +396,8 @@ def _build(cls, data: dict[str, Any], prefix: str):
 
 _NESTED = {"PolicyConfig": PolicyConfig, "TiersConfig": TiersConfig, "CpuTierConfig": CpuTierConfig,
            "DiskTierConfig": DiskTierConfig, "RedisTierConfig": RedisTierConfig, "S3TierConfig": S3TierConfig,
-           "MetricsConfig": MetricsConfig, "WriteBehindConfig": WriteBehindConfig}
+           "MetricsConfig": MetricsConfig, "WriteBehindConfig": WriteBehindConfig,
+           "ObservabilityConfig": ObservabilityConfig, "TraceConfig": TraceConfig}
 
 
 def _nested_type(f: dataclasses.Field):

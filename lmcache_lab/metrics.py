@@ -15,6 +15,10 @@ Per tier (label `tier`): chunk reads by result (`tier_requests_total{result=hit|
 read and written, errors, corrupt values, evictions, and for remote tiers (Redis, S3) a histogram of
 each batch operation's time (`tier_op_seconds{op=lookup|get|put}`, timed in `tiers/remote.py`).
 
+Misses: `miss_tokens_total{reason, tier}` splits lookup tokens minus hit tokens by reason
+(`lmcache_lab.observe`): the scheduler counts each request's split when it finishes, the load's
+shortfall (`load_failed`) arrives with the workers' deltas as `failed_load_tokens`.
+
 Hit rate = rate(lmcache_lab_hit_tokens_total) / rate(lmcache_lab_lookup_tokens_total). Hit tokens
 are counted when they are loaded into the engine, not when a lookup promises them: a promised
 chunk that is gone by load time (evicted by another process from a shared tier, corrupt) counts
@@ -134,6 +138,11 @@ class CacheMetrics:
             PREFIX + "engine_prefix_hit_tokens",
             "Prompt tokens already served by the engine's own prefix cache (APC), not by this one",
             registry=r)
+        self.miss_tokens = Counter(
+            PREFIX + "miss_tokens", "Looked-up servable prompt tokens not loaded from the cache, by "
+            "reason (engine_cache, partial, load_failed, refused, never_stored, evicted, "
+            "skipped_store); tier: which tier evicted them (evicted only)", ["reason", "tier"],
+            registry=r)
         self.stored_chunks = Counter(PREFIX + "stored_chunks", "Chunks newly stored", registry=r)
         self.stored_bytes = Counter(PREFIX + "stored_bytes", "Bytes of chunks newly stored", registry=r)
         self.retrieved_chunks = Counter(PREFIX + "retrieved_chunks", "Chunks loaded into the engine",
@@ -195,6 +204,15 @@ class CacheMetrics:
     def record_load(self, loaded_tokens: int, failed_tokens: int) -> None:
         self.hit_tokens.inc(loaded_tokens)
         self.failed_load_tokens.inc(failed_tokens)
+        if failed_tokens:
+            self.miss_tokens.labels("load_failed", "").inc(failed_tokens)
+
+    def record_misses(self, misses) -> None:
+        """Add one request's missed tokens, a mapping (reason, tier) -> tokens
+        (`observe.request_misses`)."""
+        for (reason, tier), n in misses.items():
+            if n:
+                self.miss_tokens.labels(reason, tier).inc(n)
 
     def apply(self, d: MetricsDelta) -> None:
         """Fold a worker delta into the metrics (scheduler side)."""

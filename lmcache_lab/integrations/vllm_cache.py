@@ -7,7 +7,7 @@ each live request and the pins; the scheduler asks it through a local socket:
     scheduler  LookupClient.lookup(req_id, prompt, identity, max_chunks, skip)  --unix socket-->
     worker     WorkerCache.lookup: key the prompt under the request's identity, pin the chunks
                the answer may promise (beyond `skip`), count the cached prefix, unpin the rest
-               -> reply with the count
+               -> reply with the count, and why the first chunk it lacks misses
 
 Invariants:
   * a chunk counted by a lookup is pinned before it is counted (`CacheEngine.lookup_and_pin`),
@@ -24,6 +24,8 @@ Invariants:
   * the tiers' policies see one touch per request and tier on the store path, at its end (the
     chunks of a request are stored over several steps without touching), as the trace replay
     does; a load touches the loaded chain, as the replay's hit touch;
+  * a miss's reason comes from the ghost index (`observe.GhostIndex`): every eviction of every
+    tier and every write-behind skip is recorded there, bounded by `observability.ghost_entries`;
   * the wire messages are a small JSON header plus raw little-endian uint32 tokens; nothing is
     unpickled; the socket lives in a private per-engine directory (0700) and the listener
     requires vLLM's engine id as authentication key; a lookup not answered within
@@ -48,6 +50,7 @@ import xxhash
 from lmcache_lab.engine import CacheEngine
 from lmcache_lab.keys import Identity
 from lmcache_lab.metrics import DeltaTracker
+from lmcache_lab.observe import NEVER_STORED, GhostIndex, Miss
 from lmcache_lab.tiers import MemoryTier, payload_nbytes
 from lmcache_lab.write_behind import WriteBehind
 
@@ -77,6 +80,8 @@ class WorkerCache:
         self.deltas = DeltaTracker()
         self.counters = {"store_failures": 0, "loaded_tokens": 0, "failed_load_tokens": 0}
         self.writer = WriteBehind(engine.config.write_behind.max_bytes) if self.slow else None
+        self.ghost = GhostIndex(engine.config.observability.ghost_entries)
+        engine.store_.observe_evictions(self.ghost.evicted)
         self._server: LookupServer | None = None
 
     def count(self, **increments: int) -> None:
@@ -90,6 +95,17 @@ class WorkerCache:
         """Key `tokens` (all full chunks, kept for the request's stores) under the request's
         `identity`, count the cached prefix among the first `max_chunks`, pin chunks [skip, hit)
         for the request's load (replacing any pins of an earlier lookup of it)."""
+        return self.lookup_why(req_id, tokens, max_chunks, skip, identity)[0]
+
+    def lookup_why(self, req_id: str, tokens: np.ndarray, max_chunks: int, skip: int,
+                   identity: Identity = ()) -> tuple[int, Miss]:
+        """`lookup`, and why the first chunk past the hit misses (`never_stored` when every
+        chunk asked about is a hit)."""
+        hit, keys = self._lookup(req_id, tokens, max_chunks, skip, identity)
+        return hit, self.ghost.why(keys[hit]) if hit < min(max_chunks, len(keys)) else NEVER_STORED
+
+    def _lookup(self, req_id: str, tokens: np.ndarray, max_chunks: int, skip: int,
+                identity: Identity) -> tuple[int, list[bytes]]:
         keys = self.engine.chunk_keys(tokens, identity=identity)
         with self.lock:
             self.keys[req_id] = keys
@@ -103,7 +119,7 @@ class WorkerCache:
                 self.pins[req_id] = keys[skip:hit]
             if old:
                 self.engine.unpin(old)
-        return hit
+        return hit, keys
 
     def release(self, req_id: str) -> None:
         """Drop the request's pins (its hit was declined, or its load ran)."""
@@ -161,8 +177,12 @@ class WorkerCache:
             self.engine.store_keyed(keys, [chunk], index, tiers=self.fast, touch=False)
         if self.writer is not None:
             chain = keys[:index + 1]
-            self.writer.submit(payload_nbytes(chunk), lambda: self.engine.store_keyed(
+            queued = self.writer.submit(payload_nbytes(chunk), lambda: self.engine.store_keyed(
                 chain, [chunk], index, tiers=self.slow, touch=False))
+            if queued:
+                self.ghost.forget(keys[index])
+            else:
+                self.ghost.record([keys[index]], "skipped_store")
 
     def flush(self) -> None:
         """Wait until every chunk handed to `write` is in every slow tier (or skipped)."""
@@ -191,18 +211,18 @@ class WorkerCache:
 
     def serve(self, path: str, authkey: bytes) -> None:
         """Answer the scheduler's lookups on a unix socket at `path`."""
-        self._server = LookupServer(path, authkey, self.lookup)
+        self._server = LookupServer(path, authkey, self.lookup_why)
 
 
 def refuse_lookup(req_id: str, tokens: np.ndarray, max_chunks: int, skip: int,
-                  identity: Identity = ()) -> int:
+                  identity: Identity = ()) -> tuple[int, Miss]:
     """The answer of a worker whose KV cache lmcache_lab refused: nothing is cached, at once."""
-    return 0
+    return 0, ("refused", "")
 
 
 class LookupServer:
     """Answers `LookupClient`s on a unix socket with `answer(req_id, tokens, max_chunks, skip,
-    identity)` (a daemon thread per connection). A failing answer is sent back as an error, which
+    identity)` -> (hit chunks, miss reason) (a daemon thread per connection). A failing answer is sent back as an error, which
     the scheduler counts as a miss."""
 
     def __init__(self, path: str, authkey: bytes, answer):
@@ -238,8 +258,9 @@ class LookupServer:
                     if h["op"] == "lookup":
                         tokens = np.frombuffer(body, dtype="<u4")
                         identity = tuple((str(t), str(v)) for t, v in h.get("id", ()))
-                        reply = {"hit": self.answer(str(h["req"]), tokens, int(h["max"]),
-                                                    int(h["skip"]), identity)}
+                        hit, miss = self.answer(str(h["req"]), tokens, int(h["max"]),
+                                                int(h["skip"]), identity)
+                        reply = {"hit": hit, "miss": list(miss)}
                     else:
                         raise ValueError(f"unknown op {h['op']!r}")
                 except Exception as e:  # answered as an error: the scheduler counts a miss
@@ -265,7 +286,8 @@ class LookupClient:
     """Scheduler side of the lookup channel, one connection per worker rank. A rank that cannot
     be reached, or does not answer within `timeout_s` (a worker stalled by slow I/O), answers 0
     (a miss); the failure is counted in `errors` and the connection is dropped, so a late reply
-    is never read as the answer to a later lookup."""
+    is never read as the answer to a later lookup. `last_miss` is why the last lookup's first
+    missing chunk missed (that of the rank with the smallest hit; `load_failed` on a fault)."""
 
     def __init__(self, paths: Sequence[str], authkey: bytes, connect_timeout_s: float = 30.0,
                  timeout_s: float = 2.0):
@@ -273,6 +295,7 @@ class LookupClient:
         self.connect_timeout_s, self.timeout_s = connect_timeout_s, timeout_s
         self._conns: list = [None] * len(self.paths)
         self.errors = 0
+        self.last_miss: Miss = NEVER_STORED
 
     def _conn(self, i: int):
         if self._conns[i] is None:
@@ -293,7 +316,7 @@ class LookupClient:
         tokens = np.asarray(prompt, dtype="<u4").tobytes()
         msg = json.dumps({"op": "lookup", "req": req_id, "max": max_chunks, "skip": skip,
                           "id": [list(p) for p in identity]}).encode() + b"\0" + tokens
-        hit = None
+        hit, self.last_miss = None, NEVER_STORED
         for i in range(len(self.paths)):
             try:
                 conn = self._conn(i)
@@ -304,16 +327,19 @@ class LookupClient:
                 if "error" in reply:
                     raise RuntimeError(reply["error"])
                 n = int(reply["hit"])
+                miss = tuple(reply.get("miss") or NEVER_STORED)
             except TimeoutError as e:
                 log.warning("lmcache_lab: lookup on rank %d: %s; counted as a miss", i, e)
                 self.errors += 1
                 self._drop(i)
-                n = 0
+                n, miss = 0, ("load_failed", "")
             except Exception:
                 log.exception("lmcache_lab: lookup on rank %d failed; counted as a miss", i)
                 self.errors += 1
                 self._drop(i)
-                n = 0
+                n, miss = 0, ("load_failed", "")
+            if hit is None or n < hit:
+                self.last_miss = miss
             hit = n if hit is None else min(hit, n)
         return hit or 0
 

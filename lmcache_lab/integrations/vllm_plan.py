@@ -104,6 +104,8 @@ class RequestTracker:
     stored_chunks: int = 0            # chunks [0, stored_chunks) are present or planned
     counted: bool = False             # lookup metrics recorded once per request
     pinned: bool = False              # the worker holds this request's hit pinned (not yet allocated)
+    accepted: int = 0                 # external tokens vLLM last accepted to load
+    miss: tuple[str, str] = ("never_stored", "")    # why the first chunk past the hit missed
 
     @property
     def done(self) -> bool:
@@ -161,6 +163,7 @@ class Planner:
         if t is None:
             return
         t.pinned = False        # from here the pins are the load's (or released below)
+        t.accepted = max(0, num_external)
         if num_external <= 0:
             # also without a hit: a lookup answered after its timeout may still have pinned
             self._release.append(req_id)

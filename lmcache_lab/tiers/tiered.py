@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from lmcache_lab.tiers.base import BudgetedTier, Key
 
@@ -29,6 +29,15 @@ class TieredStore:
         self._pin_lock = threading.Lock()
         for tier in self.tiers:
             tier._pins = self._pins
+
+    def observe_evictions(self, listener: Callable[[str, list[Key]], None]) -> None:
+        """Call `listener(tier_name, keys)` with the chunks each tier evicts, under that tier's
+        lock (keep it short). A tier evicts exactly the victims its policy hands out
+        (`pop_victim`, `pop_victims` in `BudgetedTier`), so wrapping those two methods sees every
+        eviction and nothing else (a deleted corrupt value is not one). A policy whose
+        `pop_victims` calls its own `pop_victim` reports each victim once."""
+        for tier in self.tiers:
+            _report_victims(tier.name, tier.policy, listener)
 
     def select(self, indices: Sequence[int] | None) -> list[BudgetedTier]:
         return self.tiers if indices is None else [self.tiers[i] for i in indices]
@@ -132,3 +141,26 @@ class TieredStore:
         for tier in self.tiers:
             with tier.lock:
                 tier.close()
+
+
+def _report_victims(name: str, policy, listener: Callable[[str, list[Key]], None]) -> None:
+    one, many = policy.pop_victim, policy.pop_victims
+    batch = threading.local()
+
+    def pop_victim(*args, **kwargs):
+        key = one(*args, **kwargs)
+        if key is not None and not getattr(batch, "on", False):
+            listener(name, [key])
+        return key
+
+    def pop_victims(*args, **kwargs):
+        batch.on = True
+        try:
+            keys = many(*args, **kwargs)
+        finally:
+            batch.on = False
+        if keys:
+            listener(name, list(keys))
+        return keys
+
+    policy.pop_victim, policy.pop_victims = pop_victim, pop_victims
