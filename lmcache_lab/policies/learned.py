@@ -81,7 +81,8 @@ class LearnedPolicy(ScoredPolicy):
         self.training_seconds = 0.0
         self._inserts_per_request = 1.0      # EWMA of new chunks stored per request
         self._inserts = 0
-        self._pending: dict = {}             # key -> [(deadline, row index)] awaiting a label
+        self._pending: dict = {}             # key -> row indices drawn from it, awaiting a label
+        self._unlabeled: dict = {}           # row index -> deadline, for rows awaiting a label
         self._expiry: deque = deque()        # (deadline, key, row index) in draw order
         self._rows: dict[int, list[float]] = {}   # row index -> features at the draw
         self._next_row = 0
@@ -100,24 +101,22 @@ class LearnedPolicy(ScoredPolicy):
         self._new_labels += 1
 
     def _seen_again(self, key) -> None:
-        waiting = self._pending.pop(key, None)
-        if waiting:
-            for deadline, row in waiting:
-                if row not in self._labels:
-                    self._label(row, 1.0 if self.now <= deadline else 0.0)
+        for row in self._pending.pop(key, ()):
+            deadline = self._unlabeled.pop(row, None)
+            if deadline is not None:
+                self._label(row, 1.0 if self.now <= deadline else 0.0)
 
     def _request_started(self):
         now = self.now
         self._inserts_per_request += 0.01 * (self._inserts - self._inserts_per_request)
         self._inserts = 0
-        expiry, labels = self._expiry, self._labels
+        expiry = self._expiry
         while expiry and expiry[0][0] < now:
             _, key, row = expiry.popleft()
-            if row not in labels:
+            if self._unlabeled.pop(row, None) is not None:
                 self._label(row, 0.0)
-            waiting = self._pending.get(key)
-            if waiting and waiting[0][1] == row:
-                waiting.pop(0)
+                waiting = self._pending[key]
+                waiting.remove(row)
                 if not waiting:
                     del self._pending[key]
         leaves, info = self._leaves, self.info
@@ -127,7 +126,8 @@ class LearnedPolicy(ScoredPolicy):
                 key = leaves[self._rng.randrange(len(leaves))]
                 row = self._next_row = self._next_row + 1
                 self._rows[row] = features(info[key], now - info[key].last)
-                self._pending.setdefault(key, []).append((deadline, row))
+                self._pending.setdefault(key, []).append(row)
+                self._unlabeled[row] = deadline
                 self._expiry.append((deadline, key, row))
         if self._new_labels >= self.retrain_every:
             self.retrain()
