@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -466,10 +467,22 @@ def arm_summary(result: ArmResult) -> dict[str, Any]:
             "load_seconds_count": m.get("lmcache_lab_load_seconds_count", 0.0),
             "store_seconds_sum": m.get("lmcache_lab_store_seconds_sum", 0.0),
             "store_seconds_count": m.get("lmcache_lab_store_seconds_count", 0.0),
+            "miss_tokens": miss_tokens(m),
         }
         # the connector sees each prompt once: tokens it loaded + tokens the engine already had
         out["metrics_token_hit_rate"] = (hit + ext) / prompt if prompt else 0.0
         out["connector_token_hit_rate"] = ext / prompt if prompt else 0.0
+    return out
+
+
+def miss_tokens(metrics: dict[str, float]) -> dict[str, float]:
+    """`lmcache_lab_miss_tokens_total` by reason (`evicted:<tier>` per evicting tier)."""
+    out: dict[str, float] = {}
+    for name, value in metrics.items():
+        if name.startswith("lmcache_lab_miss_tokens_total{"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', name))
+            key = labels["reason"] + (f":{labels['tier']}" if labels.get("tier") else "")
+            out[key] = out.get(key, 0.0) + value
     return out
 
 
@@ -511,7 +524,10 @@ def run_engine_experiment(cfg, out_dir: Path) -> dict:
 
     # validate everything before starting any engine: a bad key fails in a second
     cache_cfg = load_config({k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
-                             for k in ("chunk_size", "hash", "policy", "tiers", "codec")})
+                             for k in ("chunk_size", "hash", "policy", "tiers", "codec", "observability",
+                                       "trace") if k in cfg})
+    if cache_cfg.trace.path is not None:      # the engine runs elsewhere: its path must not depend on cwd
+        cache_cfg.trace.path = str(Path(cache_cfg.trace.path).resolve())
     cache_dict = cache_cfg.to_dict()
     cache_dict.pop("metrics", None)
     arms = arm_specs(cfg, cache_dict)

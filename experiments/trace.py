@@ -4,6 +4,12 @@
 
 one id per `block_tokens` (512) tokens of the prompt, prefix-chained: an id stands for its block
 together with every block before it, so a prompt's cache hit is its leading run of cached ids.
+
+A trace captured by the connector (`trace.path`, `lmcache_lab.observe.TraceWriter`) also holds
+metadata lines `{"lmcache_lab_trace": {...}}` (`trace_meta` merges them): chunk_tokens (its
+block size: the chunk size), block_size (the engine's KV block), chunk_bytes (stored size of one
+chunk), policy and capacity_bytes of the capturing cache. Its `hash_ids` are the full prompt
+chunks only (the partial tail is never cached).
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ from pathlib import Path
 
 BLOCK_TOKENS = 512
 SAMPLE = "sample"
+META_KEY = "lmcache_lab_trace"      # metadata lines of a captured trace (observe.META_KEY)
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,8 @@ def load_trace(path: str | None, limit: int | None = None) -> list[TraceRequest]
                 continue
             try:
                 r = json.loads(line)
+                if META_KEY in r:
+                    continue
                 req = TraceRequest(float(r["timestamp"]), int(r["input_length"]),
                                    int(r["output_length"]), tuple(int(i) for i in r["hash_ids"]))
             except (ValueError, KeyError, TypeError) as e:
@@ -60,3 +69,13 @@ def load_trace(path: str | None, limit: int | None = None) -> list[TraceRequest]
 
 def unique_blocks(requests: list[TraceRequest]) -> int:
     return len({i for r in requests for i in r.hash_ids})
+
+
+def trace_meta(path: str | None) -> dict:
+    """The metadata of a captured trace, later lines overriding earlier ones ({} for others)."""
+    meta: dict = {}
+    with open(resolve_trace_path(path)) as fh:
+        for line in fh:
+            if META_KEY in line:
+                meta.update(json.loads(line)[META_KEY])
+    return meta

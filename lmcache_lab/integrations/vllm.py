@@ -19,6 +19,8 @@ Flow of one request (invariants in `vllm_plan.py` and `vllm_cache.py`):
                                          the memory tier; slower tiers are written behind the step
              build_connector_worker_meta metric deltas travel back to the scheduler process,
                                          which serves the Prometheus endpoint
+  scheduler  request_finished            the request's missed tokens by reason (observe.py);
+                                         with `trace.path`, its line of the captured trace
 
 The worker and the scheduler may share a process (vLLM's `uni` executor) or not (`mp`, always on
 CPU): the socket works for both. With tensor parallelism each rank keeps its own shard of every
@@ -58,11 +60,12 @@ from lmcache_lab.integrations.vllm_identity import model_fingerprint, pipeline_r
 from lmcache_lab.integrations.vllm_plan import (LoadSpec, Planner, StepPlan, StoreSpec,
                                                  servable_tokens)
 from lmcache_lab.integrations.vllm_support import unsupported_spec_reason
-from lmcache_lab.keys import Namespace
+from lmcache_lab.keys import ChunkKeyer, Namespace
 from lmcache_lab.kernels.blocks import block_records, gather_blocks, scatter_blocks
 from lmcache_lab.kernels.layout import KVLayout, UnsupportedLayout
 from lmcache_lab.kernels.paged import gather, scatter
 from lmcache_lab.metrics import CacheMetrics, MetricsDelta
+from lmcache_lab.observe import TraceWriter, request_misses
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -160,6 +163,8 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         self._planner: Planner | None = None
         self._client: LookupClient | None = None
         self._plan_errors = 0
+        self._refused_ids: set[str] = set()      # refused requests counted (once each)
+        self.trace: TraceWriter | None = None
         self.metrics: CacheMetrics | None = None
         self.metrics_port: int | None = None
         if role == KVConnectorRole.SCHEDULER:
@@ -179,12 +184,27 @@ class LMCacheLabConnector(KVConnectorBase_V1):
                 dp = vllm_config.parallel_config.data_parallel_rank
                 self.metrics_port = self.metrics.serve(port + dp if port else 0,
                                                        self.config.metrics.host)
+            if self.config.trace.path is not None:
+                self.trace = self._trace_writer(vllm_config)
             if self.config.chunk_size % self.block_size:
                 log.warning("lmcache_lab: chunk_size %d is not a multiple of the block size %d: "
                             "hits may end mid-block (supported)", self.config.chunk_size,
                             self.block_size)
 
     # ------------------------------------------------------------------ scheduler side
+    def _trace_writer(self, vllm_config: "VllmConfig") -> TraceWriter:
+        """The captured trace's writer. Its ids chain the prompt's chunks as the cache's keys do
+        (same hash, identity and store secret; a namespace of its own), so equal prefixes get
+        equal ids and nothing else does."""
+        c = self.config
+        secret = c.store_secret.reveal() if c.store_secret else None
+        keyer = ChunkKeyer(Namespace(model="trace", codec=c.codec), c.chunk_size, c.hash, secret)
+        meta = {"chunk_tokens": c.chunk_size, "block_size": self.block_size,
+                "policy": c.policy.name, "capacity_bytes": c.tiers.cpu.capacity_bytes,
+                "hash": c.hash, "engine_prefix_cache":
+                    bool(vllm_config.cache_config.enable_prefix_caching)}
+        return TraceWriter(c.trace.path, keyer, meta, c.trace.sample)
+
     def _lookup(self, req_id: str, prompt, max_chunks: int, skip: int, identity) -> int:
         self.metrics.lookups.labels("worker").inc()
         errors = self._client.errors
@@ -202,15 +222,23 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         try:
             identity = request_identity(request)
             if identity is None:
-                self.metrics.refused_requests.inc()
+                if request.request_id not in self._refused_ids:
+                    self._refused_ids.add(request.request_id)
+                    self.metrics.refused_requests.inc()
+                    lookup = servable_tokens(request.num_prompt_tokens, self._planner.chunk_size,
+                                             self._planner.block_size)
+                    self.metrics.record_lookup(lookup, 0)
+                    self.metrics.record_misses({("refused", ""): lookup})
                 return 0, False
             planner = self._planner
             reused = planner.reused_lookups
             ext, _hit = planner.match(request.request_id, request.prompt_token_ids,
                                       num_computed_tokens, identity)
+            t = planner.requests[request.request_id]
             if planner.reused_lookups != reused:
                 self.metrics.lookups.labels("reused").inc()
-            t = planner.requests[request.request_id]
+            else:
+                t.miss = self._client.last_miss
             if not t.counted:
                 t.counted = True
                 lookup = servable_tokens(t.prompt_len, planner.chunk_size, planner.block_size)
@@ -241,9 +269,22 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         meta = connector_output.kv_connector_worker_meta
         if isinstance(meta, LMCacheLabWorkerMetadata) and self.metrics is not None:
             self.metrics.apply(meta.delta)
+            if self.trace is not None and meta.delta.stored_chunks:
+                self.trace.chunk_bytes(meta.delta.stored_bytes // meta.delta.stored_chunks)
 
     def request_finished(self, request: "Request", block_ids: list[int]
                          ) -> tuple[bool, dict[str, Any] | None]:
+        self._refused_ids.discard(request.request_id)
+        t = self._planner.requests.get(request.request_id)
+        if t is not None and t.counted:
+            lookup = servable_tokens(t.prompt_len, self._planner.chunk_size, self._planner.block_size)
+            self.metrics.record_misses(request_misses(lookup, t.matched_from, t.hit_tokens,
+                                                      t.accepted, t.miss))
+        if self.trace is not None and request.prompt_token_ids is not None:
+            identity = request_identity(request)
+            if identity is not None:
+                self.trace.submit(request.arrival_time, request.prompt_token_ids, identity,
+                                  request.num_output_tokens)
         self._planner.finished(request.request_id)
         return False, None   # stores finish within each step: the blocks may be freed now
 
@@ -473,5 +514,7 @@ class LMCacheLabConnector(KVConnectorBase_V1):
             self._refused.close()
         if self._client is not None:
             self._client.close()
+        if self.trace is not None:
+            self.trace.close()
         if self.metrics is not None:
             self.metrics.close()
