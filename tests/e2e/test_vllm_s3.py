@@ -50,10 +50,12 @@ def test_engines_share_chunks_through_a_bucket_and_only_miss_when_it_is_gone(tin
 
         second, metrics = engine("second")
         assert second["num_cached_tokens"] == [loadable(len(PROMPTS[n]), CHUNK) for n in NAMES] \
-            == [512, 512, 256, 0]
+            == [512, 512, 384, 0]
         assert second["tokens"] == first["tokens"]
-        # long's 2 chunks and exact's 2 come from S3; diverge's one from the promoted copy in memory
-        assert metrics['lmcache_lab_tier_requests_total{result="hit",tier="s3"}'] == 4
+        # long's 2 chunks and exact's 2 exist only in S3 (diverge's one may come from the copy
+        # promoted into memory)
+        assert metrics['lmcache_lab_tier_requests_total{result="hit",tier="s3"}'] >= 4
+        assert metrics["lmcache_lab_hit_tokens_total"] == sum(second["num_cached_tokens"])
         assert metrics['lmcache_lab_tier_op_seconds_count{op="get",tier="s3"}'] >= 1
 
         server.kill()
