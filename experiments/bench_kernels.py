@@ -180,7 +180,7 @@ def bench_paged(kind: str, args, device: torch.device, backend: str) -> list[Row
         fns["clone"] = lambda: src.clone()
     # block-native chunks (kernels/blocks.py): the same blocks as whole records
     bs = layout.block_size
-    whole_blocks = layout.v is not None and args.tokens % bs == 0 and block_records(layout)
+    whole_blocks = bs > 1 and args.tokens % bs == 0 and block_records(layout) is not None
     if whole_blocks:
         ids = slots[::bs] // bs
         records = gather_blocks(caches, layout, ids)
@@ -194,14 +194,14 @@ def bench_paged(kind: str, args, device: torch.device, backend: str) -> list[Row
     blocks = [Row(f"{op} blocks", case, mib, t[f"{op}_blocks"], 2 * nbytes / t[f"{op}_blocks"] / 1e6,
                   t[f"base_{op}"], t["copy"], clone) for op in ("gather", "scatter")] \
         if whole_blocks else []
-    return blocks + [
+    return [
         Row("gather", case, mib, t["gather"], 2 * nbytes / t["gather"] / 1e6,
             t["base_gather"], t["copy"], clone),
         Row("gather(out=)", case, mib, t["gather_out"], 2 * nbytes / t["gather_out"] / 1e6,
             t["base_gather"], t["copy"], clone),
         Row("scatter", case, mib, t["scatter"], 2 * nbytes / t["scatter"] / 1e6,
             t["base_scatter"], t["copy"], clone),
-    ]
+    ] + blocks
 
 
 def bench_quant(fmt: str, k_per_channel: bool, args, device: torch.device, backend: str) -> list[Row]:

@@ -9,7 +9,12 @@ def test_bench_quick(tmp_path, capsys):
     result = main(["--quick", "--json", str(out)])
     rows = result["rows"]
     assert [r["op"] for r in rows[:3]] == ["gather", "gather(out=)", "scatter"]
-    assert len(rows) == 3 * 3 + 2 * 4          # 3 layouts x 3 ops, 4 quant variants x 2 ops
+    # 3 layouts x 3 ops, block-native gather/scatter where a chunk is whole blocks (vllm_flash's
+    # 16-token blocks; not vllm_cpu's 128 at --quick's 32 tokens, not SGLang's 1-token pages),
+    # 4 quant variants x 2 ops
+    assert len(rows) == 3 * 3 + 2 + 2 * 4
+    assert [r["op"] for r in rows if r["case"] == "vllm_flash bf16"][3:] == ["gather blocks",
+                                                                            "scatter blocks"]
     for r in rows:
         assert r["ms"] > 0 and r["baseline_ms"] > 0 and r["copy_ms"] > 0 and r["gbps"] > 0
     text = capsys.readouterr().out
