@@ -1,7 +1,7 @@
 """Time to first token of a second vLLM engine that loads a prefix through Redis.
 
 One run, one local redis-server, two engine processes with the LMCacheLabConnector (memory tier +
-Redis tier), the tiny random Llama of `lmcache_lab.tiny_model` (6 layers, ~40M parameters):
+Redis tier), the tiny random Llama of `lmcache_lab.experiments.tiny_model` (6 layers, ~40M parameters):
 
   engine A   cold prefill of prompts P1..Pn (stored to Redis), then the same prompts again with
              vLLM's own prefix cache (APC) warm: the APC-warm TTFT
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prompts", type=int, default=3)
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
-    from lmcache_lab.tiny_model import TinyModelSpec, build_tiny_model
+    from lmcache_lab.experiments.tiny_model import TinyModelSpec, build_tiny_model
 
     model = str(build_tiny_model(MODEL_DIR / "llama-6l-512", TinyModelSpec()))
     rng = np.random.default_rng(0)

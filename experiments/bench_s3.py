@@ -150,7 +150,7 @@ def measure_ttft(remote_tiers: dict, tokens: int, prompts: int, workdir: Path) -
     """Median TTFTs of engine A (cold, APC warm) and of a second engine B (cold, warm through the
     remote tier in `remote_tiers`, e.g. {"s3": {...}} or {"redis": {...}}), both with a 512 MiB
     memory tier. See the module docstring for the sequence."""
-    from lmcache_lab.tiny_model import TinyModelSpec, build_tiny_model
+    from lmcache_lab.experiments.tiny_model import TinyModelSpec, build_tiny_model
 
     model = str(build_tiny_model(MODEL_DIR / "llama-6l-512", TinyModelSpec()))
     rng = np.random.default_rng(0)

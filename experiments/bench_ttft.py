@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args(argv)
 
-    from lmcache_lab.tiny_model import TinyModelSpec, build_tiny_model, num_parameters
+    from lmcache_lab.experiments.tiny_model import TinyModelSpec, build_tiny_model, num_parameters
 
     spec = TinyModelSpec()
     model = str(build_tiny_model(args.model_dir, spec))

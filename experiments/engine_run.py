@@ -420,7 +420,7 @@ def resolve_model(model: str, cache_dir: str) -> Path:
     """`tiny` -> the built-in random-weight Llama, built on first use under `cache_dir`;
     anything else is a local model directory."""
     if model in ("tiny", "tiny_llama"):
-        from lmcache_lab.tiny_model import build_tiny_model
+        from lmcache_lab.experiments.tiny_model import build_tiny_model
         return build_tiny_model(Path(os.path.expanduser(cache_dir)) / "tiny-llama")
     p = Path(os.path.expanduser(model))
     if not (p / "config.json").is_file():

@@ -35,9 +35,10 @@ from typing import Sequence
 
 import numpy as np
 
-from lmcache_lab.cost import MODELS, ModelCost, TTFTModel
+from lmcache_lab.cost import MODELS, ModelCost
 from lmcache_lab.experiments.trace import (BLOCK_TOKENS, TraceRequest, load_trace, trace_meta,
                                            unique_blocks)
+from lmcache_lab.experiments.ttft_model import TTFTModel
 from lmcache_lab.integrations.vllm_plan import servable_tokens
 from lmcache_lab.policies import EvictionPolicy, make_policy
 from lmcache_lab.tiers import MemoryTier

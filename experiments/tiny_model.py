@@ -5,7 +5,7 @@ byte-level BPE trained with `tokenizers` on seeded synthetic text, wrapped in
 `PreTrainedTokenizerFast`. The directory loads in vLLM (and transformers) like any local model, in
 fp32 or bf16, with deterministic greedy output.
 
-    python -m lmcache_lab.tiny_model /tmp/tiny-llama --layers 6 --hidden 512
+    python -m lmcache_lab.experiments.tiny_model /tmp/tiny-llama --layers 6 --hidden 512
 
 `build_tiny_mla_model` builds a DeepSeek-V2-style model with multi-head latent attention (MLA)
 the same way (`TinyMLASpec`, same tokenizer), for vLLM's MLA backends.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -21,6 +22,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+SOURCES = ["pyproject.toml", "README.md", "lmcache_lab", "kernels", "experiments", "conf"]
+JUNK = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
 pytestmark = pytest.mark.packaging
 
 
@@ -34,9 +37,16 @@ def sh(args, cwd, timeout=300) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
+    """Built from a copy of the sources: setuptools' build/ folder would otherwise sit in the
+    checkout and carry files deleted since into later wheels."""
+    src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("wheel")
+    for name in SOURCES:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, src / name, ignore=JUNK)
+        else:
+            shutil.copy2(ROOT / name, src / name)
     t0 = time.perf_counter()
-    sh([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", out, ROOT], ROOT)
+    sh([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", out, src], src)
     print(f"wheel built in {time.perf_counter() - t0:.1f} s")
     (whl,) = out.glob("lmcache_lab-*.whl")
     return whl

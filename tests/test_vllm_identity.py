@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lmcache_lab.integrations import vllm_identity as vi
-from lmcache_lab.tiny_model import TinyModelSpec, build_tiny_model
+from lmcache_lab.experiments.tiny_model import TinyModelSpec, build_tiny_model
 
 pytest.importorskip("vllm.config")
 from vllm.config import CacheConfig, LoadConfig, ModelConfig, VllmConfig  # noqa: E402

@@ -43,7 +43,7 @@ LAYERS, LATENT = 2, 512 + 64          # the latent cache: one head of kv_lora_ra
 @pytest.fixture(scope="session")
 def tiny_mla_model() -> str:
     """A 2-layer random DeepSeek-V2-style MLA model, no MoE (built once, reused across sessions)."""
-    from lmcache_lab.tiny_model import TinyMLASpec, build_tiny_mla_model
+    from lmcache_lab.experiments.tiny_model import TinyMLASpec, build_tiny_mla_model
 
     return str(build_tiny_mla_model(MODELS_DIR / "mla-2l-256", TinyMLASpec(layers=LAYERS)))
 

@@ -34,7 +34,7 @@ MAX_TOKENS = 16
 
 @pytest.fixture(scope="module")
 def models() -> dict[str, str]:
-    from lmcache_lab.tiny_model import TinyWindowSpec, build_tiny_window_model
+    from lmcache_lab.experiments.tiny_model import TinyWindowSpec, build_tiny_window_model
 
     return {
         "hybrid": str(build_tiny_window_model(MODELS_DIR / "llama-window-hybrid-2l", TinyWindowSpec(
