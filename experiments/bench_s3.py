@@ -33,7 +33,6 @@ import platform
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,13 +41,12 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from lmcache_lab import wire
 from lmcache_lab.config import S3TierConfig
 from lmcache_lab.experiments.bench_redis import CHUNKS, interleaved, ratio
-from lmcache_lab.experiments.bench_redis_ttft import MODEL_DIR, run_engine
+from lmcache_lab.experiments.bench_redis_ttft import measure_ttft
 from lmcache_lab.tiers.s3 import S3Tier, _make_client
 
 MAX_CONNECTIONS = 16
@@ -146,37 +144,6 @@ def bench_size(name: str, shape, batch: int, config: S3TierConfig, repeat: int) 
 
 
 # ---- TTFT ---------------------------------------------------------------------------------------------
-def measure_ttft(remote_tiers: dict, tokens: int, prompts: int, workdir: Path) -> dict:
-    """Median TTFTs of engine A (cold, APC warm) and of a second engine B (cold, warm through the
-    remote tier in `remote_tiers`, e.g. {"s3": {...}} or {"redis": {...}}), both with a 512 MiB
-    memory tier. See the module docstring for the sequence."""
-    from lmcache_lab.experiments.tiny_model import TinyModelSpec, build_tiny_model
-
-    model = str(build_tiny_model(MODEL_DIR / "llama-6l-512", TinyModelSpec()))
-    rng = np.random.default_rng(0)
-    prompt = lambda: rng.integers(10, 4000, tokens).tolist()  # noqa: E731
-    p = [prompt() for _ in range(prompts)]
-    q = [prompt() for _ in range(prompts)]
-    warmup = {"op": "generate", "prompts": [prompt()[:300]], "max_tokens": 1}
-    one = lambda xs, reset: [{"op": "generate", "prompts": [x], "max_tokens": 1,  # noqa: E731
-                              "reset_each": reset} for x in xs]
-    connector = {"chunk_size": 256, "tiers": {"cpu": {"capacity_bytes": "512MiB"}, **remote_tiers}}
-    base = {"model": model, "dtype": "float32", "connector": connector,
-            "max_model_len": max(4096, tokens + 512)}
-    a = run_engine({**base, "ops": [warmup] + one(p, True) + one(p, False)}, workdir / "a")["results"][1:]
-    b = run_engine({**base, "ops": [warmup] + one(q, True) + one(p, True)}, workdir / "b")["results"][1:]
-    seconds = lambda rs: round(statistics.median(r["seconds"] for r in rs), 3)  # noqa: E731
-    out = {"prompt_tokens": tokens, "prompts": prompts,
-           "a_cold_s": seconds(a[:prompts]), "a_apc_warm_s": seconds(a[prompts:]),
-           "b_cold_s": seconds(b[:prompts]), "b_remote_warm_s": seconds(b[prompts:]),
-           "b_remote_cached_tokens": [r["num_cached_tokens"][0] for r in b[prompts:]],
-           "a_apc_cached_tokens": [r["num_cached_tokens"][0] for r in a[prompts:]],
-           "same_tokens": [r["tokens"] for r in b[prompts:]] == [r["tokens"] for r in a[:prompts]]}
-    out["remote_warm_vs_apc_warm"] = round(out["b_remote_warm_s"] / out["a_apc_warm_s"], 2)
-    out["remote_warm_vs_cold"] = round(out["b_remote_warm_s"] / out["b_cold_s"], 3)
-    return out
-
-
 # ---- main ---------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

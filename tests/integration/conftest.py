@@ -106,22 +106,17 @@ def wait_until():
     return _wait_until
 
 
-# ---- S3: moto's standalone S3 server (tests marked `s3`) -------------------------------------------------
+# ---- S3: moto's standalone S3 server ------------------------------------------------------------------
 
 @pytest.fixture
 def s3_server(tmp_path, monkeypatch):
     """A `moto_server` on a free loopback port with an empty bucket `cache`; AWS credentials for
     it in the environment (the tier reads the standard AWS chain). Killed after the test."""
-    from s3_server import CREDENTIALS, MOTO_SERVER, MotoServer
+    from s3_server import MOTO_SERVER, MotoServer, use_test_credentials
 
     if not MOTO_SERVER:
         pytest.skip("moto_server not installed (pip install 'moto[server]')")
-    for name, value in CREDENTIALS.items():
-        monkeypatch.setenv(name, value)
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    use_test_credentials(monkeypatch, tmp_path)
     server = MotoServer(tmp_path / "moto")
     server.create_bucket("cache")
     yield server
