@@ -31,6 +31,7 @@ from lmcache_lab.cost import LLAMA3_8B
 from lmcache_lab.experiments.replay import replay, replay_tier
 from lmcache_lab.experiments.trace import TraceRequest, load_trace, unique_blocks
 from lmcache_lab.policies import make_policy
+from lmcache_lab.policies.learned import roc_auc
 from lmcache_lab.policies.sampled import ScoredPolicy
 
 BLOCK_BYTES = 512 * LLAMA3_8B.kv_bytes_per_token
@@ -173,21 +174,6 @@ def noise_for_auc(auc: float) -> float:
     if not 0.5 < auc <= 1:
         raise ValueError(f"--auc: each value must be in (0.5, 1], got {auc!r}")
     return 0.0 if auc == 1 else 1.0 / (math.sqrt(2) * NormalDist().inv_cdf(auc))
-
-
-def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Mann-Whitney AUC (ties counted one half)."""
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    s = scores[order]
-    _, first, counts = np.unique(s, return_index=True, return_counts=True)
-    avg = first + (counts - 1) / 2.0 + 1
-    ranks[order] = np.repeat(avg, counts)
-    pos = labels.astype(bool)
-    n1, n0 = pos.sum(), (~pos).sum()
-    if not n1 or not n0:
-        return float("nan")
-    return float((ranks[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
 class NoisyOraclePolicy(ScoredPolicy):

@@ -101,3 +101,21 @@ def test_bad_parameters_are_named():
         make_policy("learned", window=1, retrain_every=10)
     with pytest.raises(ValueError, match="samples must be >= 1"):
         make_policy("lhd", samples=0)
+
+
+def test_learned_model_is_trusted_only_when_it_beats_recency():
+    """Before each refit the model and recency alone (-age) are scored on the labels that came in
+    since the last fit. Here the key reused next is the one not yet used, which recency ranks
+    last: the model wins and is trusted. With a margin no AUC can reach, the model is never
+    trusted and eviction is by recency: with no more leaves than samples, exactly LRU."""
+    seq = [[0]]
+    for i in range(1, 400):
+        seq += [[i], [i - 1]]
+    p = make_policy("learned", 512, retrain_every=100, window=1000)
+    assert run(seq, p, 3) == 399
+    assert p.trusted and all(a >= r + p.margin for a, r in zip(p.aucs, p.recency_aucs))
+    rng = np.random.default_rng(5)
+    chains = [[int(k) for k in range(r, r + int(rng.integers(1, 4)))] for r in rng.integers(0, 12, 300) * 10]
+    never = make_policy("learned", 512, retrain_every=50, window=500, margin=1.0)
+    assert run(chains, never, 20) == run(chains, make_policy("lru", 512), 20)
+    assert never.fits > 0 and not never.trusted

@@ -29,6 +29,20 @@ def features(info: ChunkInfo, age: int) -> list[float]:
     return static_features(info) + [la * z for z in aged_features(info)]
 
 
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Mann-Whitney AUC of `scores` for 0/1 `labels` (ties count one half); nan if one class is
+    missing."""
+    order = np.argsort(scores, kind="mergesort")
+    _, first, counts = np.unique(scores[order], return_index=True, return_counts=True)
+    ranks = np.empty(len(scores))
+    ranks[order] = np.repeat(first + (counts - 1) / 2.0 + 1, counts)
+    pos = labels.astype(bool)
+    n1, n0 = pos.sum(), (~pos).sum()
+    if not n1 or not n0:
+        return float("nan")
+    return float((ranks[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
 def fit_logistic(x: np.ndarray, y: np.ndarray, ridge: float = 1.0, iterations: int = 8) -> np.ndarray:
     """Weights of an L2-regularised logistic regression, by Newton's method (IRLS):
     w <- w + (X'WX + ridge I)^-1 (X'(y - p) - ridge w), W = diag(p(1 - p)). O(n d^2) per step."""
@@ -59,26 +73,38 @@ class LearnedPolicy(ScoredPolicy):
     The logit of a chunk is then `b + g * log(1 + age)` with `b`, `g` fixed between its uses, so
     scoring a sampled leaf costs a few multiplications; `b`, `g` are recomputed when the model
     changed since they were cached. The victim is the lowest predicted reuse probability per byte
-    among `samples` sampled leaves (`ScoredPolicy`). Until the first fit, the oldest sampled leaf.
+    among `samples` sampled leaves (`ScoredPolicy`).
+
+    Trust: before each refit, the current model and recency alone (-age, LRU's ranking) are scored
+    (ROC AUC) on the labels that came in since the model was fitted, i.e. out of sample. The model
+    ranks victims only while its AUC beats recency's by `margin`; otherwise, and until then, the
+    oldest sampled leaf is evicted (`margin=-1`: always the model).
 
     Cost: a fit is O(window * d^2) (d = 13), `training_seconds` and `fits` report it; per request
-    O(samples_per_request + labels resolved), per eviction O(samples).
+    O(samples_per_request + labels resolved), per eviction O(samples). Before each refit the
+    current model is scored on the labels that came in since it was fitted (out of sample);
+    `aucs` and `recency_aucs` keep those AUCs, the numbers to read against the noisy-oracle curve.
     """
     name = "learned"
 
     def __init__(self, chunk_tokens: int = 256, samples: int = 32, seed: int = 0, samples_per_request: int = 4,
-                 horizon_factor: float = 1.0, retrain_every: int = 2000, window: int = 20000, ridge: float = 1.0, **params):
+                 horizon_factor: float = 1.0, retrain_every: int = 2000, window: int = 20000, ridge: float = 1.0,
+                 margin: float = 0.02, **params):
         super().__init__(chunk_tokens, samples, seed, **params)
         if samples_per_request < 1 or retrain_every < 1 or window < retrain_every or ridge < 0:
             raise ValueError(f"policy 'learned': need samples_per_request >= 1, retrain_every >= 1, "
                              f"window >= retrain_every, ridge >= 0; got {samples_per_request}, {retrain_every}, "
                              f"{window}, {ridge}")
         self.samples_per_request, self.retrain_every, self.window, self.ridge = samples_per_request, retrain_every, window, ridge
-        self.horizon_factor = horizon_factor
+        self.horizon_factor, self.margin = horizon_factor, margin
         self.weights: tuple[list[float], list[float]] | None = None   # (static, aged) weights
         self.version = 0
         self.fits = 0
         self.training_seconds = 0.0
+        self.aucs: list[float] = []          # out-of-sample AUC of each fit on the next labels
+        self._fitted: np.ndarray | None = None
+        self.recency_aucs: list[float] = []  # AUC of recency alone on the same labels
+        self.trusted = False                 # the last model beat recency by `margin` out of sample
         self._inserts_per_request = 1.0      # EWMA of new chunks stored per request
         self._inserts = 0
         self._pending: dict = {}             # key -> row indices drawn from it, awaiting a label
@@ -142,7 +168,15 @@ class LearnedPolicy(ScoredPolicy):
         y = np.fromiter((self._labels[r] for r in rows), dtype=np.float64, count=len(rows))
         if 0 < y.sum() < len(y):
             x = np.asarray([self._rows[r] for r in rows], dtype=np.float64)
-            w = fit_logistic(x, y, self.ridge)
+            if self._fitted is not None:   # the labels that came in since the last fit: out of sample
+                fresh = slice(len(rows) - self._new_labels, None)
+                auc = roc_auc(x[fresh] @ self._fitted, y[fresh])
+                recency = roc_auc(-x[fresh, len(STATIC)], y[fresh])     # -log(1 + age): LRU's ranking
+                if auc == auc:
+                    self.aucs.append(auc)
+                    self.recency_aucs.append(recency)
+                    self.trusted = auc >= recency + self.margin
+            w = self._fitted = fit_logistic(x, y, self.ridge)
             self.weights = (w[:len(STATIC)].tolist(), w[len(STATIC):].tolist())
             self.version += 1
             self.fits += 1
@@ -151,7 +185,10 @@ class LearnedPolicy(ScoredPolicy):
 
     def replay_stats(self) -> dict:
         """Training cost, reported by the replay beside the hit rate."""
-        return {"model_fits": self.fits, "training_seconds": self.training_seconds}
+        return {"model_fits": self.fits, "training_seconds": self.training_seconds,
+                "model_auc": float(np.mean(self.aucs)) if self.aucs else None,
+                "recency_auc": float(np.mean(self.recency_aucs)) if self.recency_aucs else None,
+                "model_trusted_fits": int(sum(a >= r + self.margin for a, r in zip(self.aucs, self.recency_aucs)))}
 
     # ---- hooks ----------------------------------------------------------------------------------
     def _stored(self, key, info):
@@ -163,7 +200,7 @@ class LearnedPolicy(ScoredPolicy):
 
     def _score(self, info, now):
         w = self.weights
-        if w is None:
+        if w is None or not self.trusted:
             return info.last - now
         cached = info.cache
         if cached is None or cached[0] != self.version:
