@@ -95,7 +95,8 @@ def main():
                     rows[m].append(run_once(a.dir, procs, a.n, chunk, frac, m))
             for m in a.modes:
                 med = {k: statistics.median(r[k] for r in rows[m]) for k in PHASES + ("hit",)}
-                print(f"{m:8} P={procs} budget={frac:.1f}x  put {med['put']:6.0f}/s  contains {med['contains']:8.0f}/s  "
+                print(f"{m:8} P={procs} budget={frac:.1f}x  put {med['put']:6.0f}/s  "
+                      f"contains {med['contains']:8.0f}/s  "
                       f"get {med['get']:6.0f}/s ({med['get'] * chunk / 2**30:4.2f} GiB/s)  get-hit {med['hit']:.2f}  "
                       f"errors {sum(r['errors'] for r in rows[m])}  on-disk<=budget {all(r['ok'] for r in rows[m])}",
                       flush=True)

@@ -165,8 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
     own = {}
     for name in ("lmcache_cpu", "lmcache_disk_restart"):
         m = results[name]["results"][-1]
-        own[name] = {k: m.get(f"lmcache_lab_{k}_seconds_sum", 0.0) / max(1.0, m.get(f"lmcache_lab_{k}_seconds_count", 0.0))
-                     for k in ("load", "store")}
+        own[name] = {k: m.get(f"lmcache_lab_{k}_seconds_sum", 0.0)
+                     / max(1.0, m.get(f"lmcache_lab_{k}_seconds_count", 0.0)) for k in ("load", "store")}
         own[name]["loads"] = m.get("lmcache_lab_load_seconds_count", 0.0)
         own[name]["stores"] = m.get("lmcache_lab_store_seconds_count", 0.0)
     out = {"model": {"path": model, "params_M": round(num_parameters(spec) / 1e6, 1),

@@ -13,7 +13,8 @@ class TTFTModel:
              + hit_bytes / load_bytes_per_s + overhead_s
 
     Prefill time per token therefore grows with position exactly as
-    `lmcache_lab.cost.ModelCost.chunk_flops` does (the attention term). Defaults (conf/experiment/replay.yaml says the same):
+    `lmcache_lab.cost.ModelCost.chunk_flops` does (the attention term). Defaults
+    (conf/experiment/replay.yaml says the same):
       * peak_flops 989.4e12: H100 SXM dense BF16 tensor-core peak (NVIDIA H100 datasheet).
       * mfu 0.5: prefill of long prompts runs compute-bound at roughly half of peak on H100/A100
         (e.g. an 8k-token Llama-3-8B prefill, 1.3e14 FLOPs, takes ≈ 0.27 s at 0.5 of H100 peak,

@@ -90,6 +90,6 @@ def test_installed_wheel_runs_a_replay_sweep_reports_it_and_loads_the_connector(
     cfg = sh([venv / "lmcache-lab", "--cfg", "job", "experiment=replay", "+policy=lfu"], tmp_path).stdout
     assert "name: replay" in cfg and "name: lfu" in cfg
 
-    connector = sh([py, "-c", "from lmcache_lab.integrations import vllm as m; print(m.LMCacheLabConnector and m.__file__)"],
-                   tmp_path)
+    connector = sh([py, "-c", "from lmcache_lab.integrations import vllm as m\n"
+                              "print(m.LMCacheLabConnector and m.__file__)"], tmp_path)
     assert Path(connector.stdout.strip()).is_relative_to(venv.parent)

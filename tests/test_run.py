@@ -7,7 +7,8 @@ import pytest
 
 from lmcache_lab.run import groups_with_default, rewrite_plus_overrides
 
-CONTRACT = {"policy", "capacity_bytes", "capacity_blocks", "chunk_hit_rate", "token_hit_rate", "flops_saved", "requests"}
+CONTRACT = {"policy", "capacity_bytes", "capacity_blocks", "chunk_hit_rate", "token_hit_rate", "flops_saved",
+            "requests"}
 
 
 def run(args, cwd):
@@ -59,8 +60,8 @@ def test_replay_contract_with_a_trace_path(tmp_path):
 
 
 def test_sweep_combines_runs_into_one_report(tmp_path):
-    proc = run(["-m", "experiment=replay", "policy=lru,lfu,cost_aware", "workload.capacity_fraction=0.02,0.1", "workload.limit=300",
-                f"hydra.sweep.dir={tmp_path}"], tmp_path)
+    proc = run(["-m", "experiment=replay", "policy=lru,lfu,cost_aware", "workload.capacity_fraction=0.02,0.1",
+                "workload.limit=300", f"hydra.sweep.dir={tmp_path}"], tmp_path)
     csv = tmp_path / "replay_sweep.csv"
     assert csv.exists(), proc.stdout[-2000:]
     assert len(csv.read_text().strip().splitlines()) == 1 + 6

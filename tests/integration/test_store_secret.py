@@ -147,7 +147,8 @@ def test_the_secret_is_never_in_repr_logs_or_the_experiment_summary(redis_server
 
     monkeypatch.setenv("LMCACHE_LAB_STORE_SECRET", SECRET)
     caplog.set_level(logging.DEBUG)
-    cache = load_config({"chunk_size": CHUNK, "tiers": {"cpu": {"capacity_bytes": 0}, "redis": {"url": redis_server.url}}})
+    cache = load_config({"chunk_size": CHUNK,
+                         "tiers": {"cpu": {"capacity_bytes": 0}, "redis": {"url": redis_server.url}}})
     assert cache.store_secret.reveal() == SECRET.encode()
     e = CacheEngine(cache, namespace=NS)
     raw = redis.Redis.from_url(redis_server.url)
