@@ -78,7 +78,7 @@ class LearnedPolicy(ScoredPolicy):
     Trust: before each refit, the current model and recency alone (-age, LRU's ranking) are scored
     (ROC AUC) on the labels that came in since the model was fitted, i.e. out of sample. The model
     ranks victims only while its AUC beats recency's by `margin`; otherwise, and until then, the
-    oldest sampled leaf is evicted (`margin=-1`: always the model).
+    oldest sampled leaf is evicted (`margin` < 0: the model from its first fit, untested).
 
     Cost: a fit is O(window * d^2) (d = 13), `training_seconds` and `fits` report it; per request
     O(samples_per_request + labels resolved), per eviction O(samples). Before each refit the
@@ -104,7 +104,7 @@ class LearnedPolicy(ScoredPolicy):
         self.aucs: list[float] = []          # out-of-sample AUC of each fit on the next labels
         self._fitted: np.ndarray | None = None
         self.recency_aucs: list[float] = []  # AUC of recency alone on the same labels
-        self.trusted = False                 # the last model beat recency by `margin` out of sample
+        self.trusted = margin < 0            # the last model beat recency by `margin` out of sample
         self._inserts_per_request = 1.0      # EWMA of new chunks stored per request
         self._inserts = 0
         self._pending: dict = {}             # key -> row indices drawn from it, awaiting a label
