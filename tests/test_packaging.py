@@ -47,8 +47,8 @@ def wheel(tmp_path_factory) -> Path:
             shutil.copy2(ROOT / name, src / name)
     t0 = time.perf_counter()
     sh([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", out, src], src)
-    print(f"wheel built in {time.perf_counter() - t0:.1f} s")
     (whl,) = out.glob("lmcache_lab-*.whl")
+    print(f"{whl.name} built in {time.perf_counter() - t0:.1f} s")
     return whl
 
 
