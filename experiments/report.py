@@ -108,7 +108,9 @@ def replay_sweep_report(root: Path) -> Path | None:
     """Combine the replay runs under a sweep dir: `replay_sweep.csv` (one row per run),
     `replay_gap.csv` (LRU -> Belady gap closed by the best online policy, per trace and capacity),
     and one figure per trace: chunk hit rate and prefill FLOPs saved against capacity, one line per
-    policy, offline policies dashed, the infinite cache as a dotted ceiling."""
+    policy, offline policies dashed, the infinite cache as a dotted ceiling, and LRU's whole
+    curve from one pass of stack distances (`lru_stack_curve`, also in `lru_stack_<trace>.csv`)
+    where it is exact; the LRU points of the sweep lie on it."""
     import pandas as pd
 
     rows = [s for s in load_summaries(root) if s.get("experiment") == "replay"]
@@ -134,6 +136,13 @@ def replay_sweep_report(root: Path) -> Path | None:
             style = "--" if bool(g["offline"].iloc[0]) else "-"
             axes[0].plot(g[xcol], g["chunk_hit_rate"], style, marker="o", label=policy)
             axes[1].plot(g[xcol], g["flops_saved_fraction"], style, marker="o", label=policy)
+        caps, rates = lru_stack_curve(str(trace), int(group["requests"].iloc[0]))
+        pd.DataFrame({"capacity_blocks": caps, "chunk_hit_rate": rates}).to_csv(
+            Path(root) / f"lru_stack_{Path(str(trace)).stem}.csv", index=False)
+        shown = caps <= group["capacity_blocks"].max()
+        scale = caps[-1] if by_fraction and len(caps) else 1      # the trace's unique blocks
+        axes[0].plot(caps[shown] / scale, rates[shown], color="0.4", linewidth=1,
+                     label="lru (stack distances)")
         for ax, col in zip(axes, ["infinite_chunk_hit_rate", "infinite_flops_saved_fraction"]):
             if col in group and group[col].notna().any():
                 ax.axhline(float(group[col].iloc[0]), color="k", linestyle=":", label="infinite cache")
@@ -152,6 +161,17 @@ def replay_sweep_report(root: Path) -> Path | None:
     if not gaps.empty:
         print_table(gaps)
     return csv
+
+
+def lru_stack_curve(trace: str, requests: int) -> tuple[np.ndarray, np.ndarray]:
+    """(capacities in blocks, LRU chunk hit rate at each) over the first `requests` requests of
+    `trace`, from one pass (`explain.stack_curve`); only the capacities where it is exact (at
+    least the longest request's blocks), up to the trace's unique blocks."""
+    from lmcache_lab.experiments.explain import stack_curve
+    from lmcache_lab.experiments.trace import load_trace
+
+    caps, rates, longest = stack_curve(load_trace(trace, limit=requests))
+    return caps[longest:], rates[longest:]
 
 
 def print_table(df) -> None:

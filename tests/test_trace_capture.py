@@ -151,3 +151,26 @@ def test_replay_command_sizes_chunks_from_the_captured_trace(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["capacity_blocks"] == 12 and summary["block_tokens"] == CS
     assert summary["token_hit_rate"] == pytest.approx(want, abs=1e-12)
+
+
+def test_a_sweep_over_a_captured_trace_draws_belady_and_the_lru_curve_through_the_lru_points(tmp_path):
+    import pandas as pd
+
+    path = tmp_path / "cap.jsonl"
+    live(prompts(), "lru", 12 * CHUNK.nbytes, path)
+    sweep = tmp_path / "sweep"
+    out = subprocess.run(
+        [sys.executable, "-m", "lmcache_lab.run", "-m", "experiment=replay", "policy=lru,belady",
+         f"workload.trace={path}", "workload.capacity_fraction=0.3,0.6", "progress=false",
+         f"hydra.sweep.dir={sweep}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = pd.read_csv(sweep / "replay_sweep.csv")
+    curve = pd.read_csv(sweep / "lru_stack_cap.csv").set_index("capacity_blocks")["chunk_hit_rate"]
+    lru = runs[runs["policy"] == "lru"]
+    assert len(lru) == 2 and set(runs["policy"]) == {"lru", "belady"}
+    for cap, rate in zip(lru["capacity_blocks"], lru["chunk_hit_rate"]):
+        assert curve[cap] == rate                       # exactly: one pass == the replays
+    belady = runs[runs["policy"] == "belady"].set_index("capacity_blocks")["chunk_hit_rate"]
+    assert all(belady[c] >= r for c, r in zip(lru["capacity_blocks"], lru["chunk_hit_rate"]))
+    assert (sweep / "hit_rate_vs_capacity_cap.png").stat().st_size > 0
