@@ -292,10 +292,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                                                 lru_chunk_hit_rate=float(h))
                                            for c, h in zip(caps[::step], rate[::step])])
         ax.plot(caps / n_unique, rate)
-        ax.axvline(longest / n_unique, ls=":", c="grey", label=f"longest request ({longest} blocks): exact to the right")
+        ax.axvline(longest / n_unique, ls=":", c="grey",
+                   label=f"longest request ({longest} blocks): exact to the right")
         for c in args.capacity:
             ax.axvline(c, ls="--", lw=0.8, c="k")
-        ax.set(xlabel="capacity (fraction of unique blocks)", ylabel="LRU chunk hit rate", title=f"{name}: LRU stack curve")
+        ax.set(xlabel="capacity (fraction of unique blocks)", ylabel="LRU chunk hit rate",
+               title=f"{name}: LRU stack curve")
         ax.legend(fontsize=8)
         fig.savefig(out / f"stack_{name}.png", dpi=120, bbox_inches="tight")
     elif args.tool == "belady-gap":

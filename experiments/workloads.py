@@ -149,7 +149,8 @@ def multi_tenant(tenants: int = 8, sessions: int = 1500, zipf: float = 1.1, syst
     if tenants < 1 or sessions < 1:
         raise ValueError(f"workload.tenants and workload.sessions must be >= 1, got {tenants}, {sessions}")
     if not 0 < chat_stop <= 1 or not 0 <= oneoff_fraction <= 1:
-        raise ValueError(f"workload.chat_stop must be in (0, 1] and oneoff_fraction in [0, 1], got {chat_stop}, {oneoff_fraction}")
+        raise ValueError(f"workload.chat_stop must be in (0, 1] and oneoff_fraction in [0, 1], "
+                         f"got {chat_stop}, {oneoff_fraction}")
     if session_rate <= 0 or think_s < 0:
         raise ValueError(f"workload.session_rate must be > 0 and think_s >= 0, got {session_rate}, {think_s}")
     import heapq
@@ -170,12 +171,10 @@ def multi_tenant(tenants: int = 8, sessions: int = 1500, zipf: float = 1.1, syst
     rows, times, previous = [], [], {}     # previous: session -> index of its last request
     while events:
         t, i, turn, history = heapq.heappop(events)
-        if oneoff[i]:
-            prompt = history + _tokens(rng, draw(oneoff_tokens), vocab_size) + _tokens(rng, draw(question_tokens), vocab_size)
-        else:
-            prompt = history + _tokens(rng, draw(question_tokens), vocab_size)
-        rows.append(dict(prompt=prompt, max_tokens=max(1, max_tokens), after=previous.get(i), group=f"t{owners[i]}/s{i}",
-                         round=turn))
+        document = _tokens(rng, draw(oneoff_tokens), vocab_size) if oneoff[i] else ()
+        prompt = history + document + _tokens(rng, draw(question_tokens), vocab_size)
+        rows.append(dict(prompt=prompt, max_tokens=max(1, max_tokens), after=previous.get(i),
+                         group=f"t{owners[i]}/s{i}", round=turn))
         times.append(t)
         previous[i] = len(rows) - 1
         if not oneoff[i] and rng.random() >= chat_stop:

@@ -95,7 +95,8 @@ class LearnedPolicy(ScoredPolicy):
             raise ValueError(f"policy 'learned': need samples_per_request >= 1, retrain_every >= 1, "
                              f"window >= retrain_every, ridge >= 0; got {samples_per_request}, {retrain_every}, "
                              f"{window}, {ridge}")
-        self.samples_per_request, self.retrain_every, self.window, self.ridge = samples_per_request, retrain_every, window, ridge
+        self.samples_per_request, self.retrain_every = samples_per_request, retrain_every
+        self.window, self.ridge = window, ridge
         self.horizon_factor, self.margin = horizon_factor, margin
         self.weights: tuple[list[float], list[float]] | None = None   # (static, aged) weights
         self.version = 0

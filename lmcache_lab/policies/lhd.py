@@ -61,7 +61,8 @@ class HitDensityPolicy(ScoredPolicy):
         if ages < 2 or span <= 0 or reconfigure_every < 1 or not 0 < decay <= 1 or prior < 0:
             raise ValueError(f"policy 'lhd': need ages >= 2, span > 0, reconfigure_every >= 1, 0 < decay <= 1, "
                              f"prior >= 0; got {ages}, {span}, {reconfigure_every}, {decay}, {prior}")
-        self.ages, self.span, self.reconfigure_every, self.decay, self.prior = ages, span, reconfigure_every, decay, prior
+        self.ages, self.span, self.reconfigure_every = ages, span, reconfigure_every
+        self.decay, self.prior = decay, prior
         self.granularity: int | None = None
         self._early: list[tuple[bool, int, int]] = []     # (hit, class, age) before the granularity is set
         self._hits = np.zeros((CLASSES, ages))
