@@ -16,7 +16,7 @@ Invariants:
   * A chain of chunks moves concurrently: `get_many`, `put_many`/`put_chain` and `exists_many`
     run one request per chunk on a thread pool over one shared connection pool (`max_connections`).
   * `get` returns only values that pass `chunk_check.check_value` (wire format, requested key,
-    learned layout, size cap). An object larger than the cap is not downloaded. Anything invalid
+    learned layout, size cap, and the MAC when the tier has a `mac_key`: a store secret). An object larger than the cap is not downloaded. Anything invalid
     is a counted miss (`stats.corrupt`) and is deleted, so the next store rewrites it.
   * No fault reaches the caller after start-up: a network error or timeout counts in
     `stats.errors` (`stats.timeouts`), answers as a miss and opens the breaker; requests then skip
@@ -90,11 +90,13 @@ class S3Tier(RemoteTier):
     name = "s3"
     encodes = True
 
-    def __init__(self, config: S3TierConfig, expected: dict[str, torch.Tensor] | None = None):
+    def __init__(self, config: S3TierConfig, expected: dict[str, torch.Tensor] | None = None,
+                 mac_key: bytes | None = None):
         if not config.url:
             raise ValueError("S3Tier needs tiers.s3.url")
         super().__init__(config.capacity_bytes or 0, policy=None)   # the store's budget, not ours
         self.config = config
+        self.mac_key = mac_key   # `wire.mac_key(store secret)`: values written and read are authenticated
         self.stats = S3TierStats()
         self.lock = contextlib.nullcontext()   # thread-safe by itself (see the invariants)
         self.bucket = config.bucket
@@ -223,7 +225,7 @@ class S3Tier(RemoteTier):
 
         data = self._call(fetch)
         if isinstance(data, bytes) and data:
-            tensors, why = check_value(data, key, cap, self._layout)
+            tensors, why = check_value(data, key, cap, self._layout, self.mac_key)
             if tensors is not None:
                 self._count(hits=1, bytes_read=len(data))
                 return tensors
@@ -248,7 +250,8 @@ class S3Tier(RemoteTier):
                 self._count(rejected=1)
                 log.warning("s3 tier: not storing a chunk %s", refused)
                 return False
-            body = wire.encode(key, value, parent=parent, position=position)   # the one copy
+            body = wire.encode(key, value, parent=parent, position=position,   # the one copy
+                               mac_key=self.mac_key)
             r = self._call(lambda: self.client.put_object(Bucket=self.bucket, Key=self.object_key(key), Body=body))
             if not isinstance(r, dict):
                 if r is not FAILED:

@@ -253,6 +253,43 @@ def test_a_fresh_engine_loads_what_another_engine_stored(s3_server):
         reader.close()
 
 
+def test_values_are_authenticated_with_a_store_secret(make_tier, s3_server):
+    """With a MAC key every object carries its tag; an object without it, or tagged under another
+    secret, is a counted miss and deleted, never loaded."""
+    mine, theirs = wire.mac_key(b"a deployment secret, 32 bytes.."), wire.mac_key(b"another secret")
+    writer = make_tier(url="s3://cache/shared")
+    writer.mac_key = mine
+    assert writer.put(key(1), chunk(1))
+    reader = make_tier(url="s3://cache/shared")
+    reader.mac_key = mine
+    assert same(reader.get(key(1)), chunk(1))
+    for planter_key in (None, theirs):            # a writer without the secret, or with another
+        planter = make_tier(url="s3://cache/shared")
+        planter.mac_key = planter_key
+        assert planter.put(key(2), chunk(2))
+        corrupt = reader.stats.corrupt
+        assert reader.get(key(2)) is None and reader.stats.corrupt == corrupt + 1
+        assert not reader.contains(key(2))        # deleted, so a rightful store rewrites it
+
+
+def test_an_engine_with_a_store_secret_authenticates_its_s3_tier(s3_server, monkeypatch):
+    from lmcache_lab.engine import CacheEngine
+
+    monkeypatch.setenv("TEST_STORE_SECRET", "a deployment secret of 32 bytes")
+    config = {"chunk_size": 16, "store_secret": "env:TEST_STORE_SECRET",
+              "tiers": {"cpu": {"capacity_bytes": "1MiB"}, "s3": {
+                  "url": "s3://cache/secret", "endpoint_url": s3_server.endpoint_url}}}
+    tokens = list(range(3000, 3000 + 16 * 2 + 1))
+    writer, reader = CacheEngine(config), CacheEngine(config)
+    try:
+        assert writer.tiers[-1].mac_key is not None
+        assert writer.store(tokens, [chunk(i)["kv"] for i in range(2)]) == 2
+        assert reader.lookup(tokens) == 32 and len(reader.retrieve(tokens)) == 2
+    finally:
+        writer.close()
+        reader.close()
+
+
 def test_a_chain_is_fetched_and_probed_concurrently(make_tier):
     t = make_tier()
     keys = [key(i) for i in range(4)]
