@@ -27,6 +27,10 @@ spec = {
     {"op": "vllm_stats"},                          # vLLM's own counters and gauges (name ->
                                                    # value summed over labels), e.g.
                                                    # vllm:num_preemptions; needs log stats on
+    {"op": "kv_events", "endpoint": "tcp://127.0.0.1:5557"}
+                              # start collecting the engine's KV events (vLLM's ZMQ publisher,
+                              # `engine_args.kv_events_config`); the result is filled as they
+                              # arrive: [[event class, medium, block hashes], ...]
     {"op": "corrupt", "path": "<disk tier dir>", "positions": [256]},  # damage stored chunks
     {"op": "sleep", "seconds": 0.5},
     {"op": "barrier", "dir": "<dir>", "name": "a", "parties": 2, "timeout_s": 300},
@@ -138,6 +142,35 @@ def vllm_stats(llm) -> dict[str, float]:
     return out
 
 
+def collect_kv_events(endpoint: str, into: list, stop: threading.Event) -> threading.Thread:
+    """Subscribe to vLLM's KV event publisher at `endpoint`; append [class name, medium, block
+    hashes] per event to `into` until `stop` (a daemon thread; returns once subscribed). vLLM's
+    publisher connects to an endpoint without a wildcard (`ZmqEventPublisher._is_bind_endpoint`),
+    so the subscriber binds it."""
+    import msgspec
+    import zmq
+    from vllm.distributed.kv_events import KVEventBatch
+
+    sock = zmq.Context.instance().socket(zmq.SUB)
+    sock.setsockopt(zmq.SUBSCRIBE, b"")
+    sock.bind(endpoint)
+    decode = msgspec.msgpack.Decoder(type=KVEventBatch).decode
+
+    def run():
+        while not stop.is_set():
+            if sock.poll(100):
+                _topic, _seq, payload = sock.recv_multipart()
+                for e in decode(payload).events:
+                    into.append([type(e).__name__, getattr(e, "medium", None),
+                                 list(getattr(e, "block_hashes", []))])
+        sock.close(0)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    time.sleep(0.5)      # a SUB socket sees only what is published after the link is up
+    return thread
+
+
 def abort_before_load(llm, op: dict, params_of) -> dict:
     """See the module docstring. The scheduler's connector is wrapped to record its calls about
     the victim (the KVConnectorBase_V1 hooks `get_num_new_matched_tokens`,
@@ -216,6 +249,7 @@ def run(spec: dict) -> dict:
            "kv_cache": {"block_size": cc.block_size, "num_blocks": cc.num_gpu_blocks}}
     loras: dict[str, LoRARequest] = {}
     background: list[threading.Thread] = []
+    stop_events = threading.Event()
 
     def params_of(max_tokens: int) -> SamplingParams:
         return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
@@ -254,6 +288,10 @@ def run(spec: dict) -> dict:
             results.append(scrape(op["port"]))
         elif kind == "vllm_stats":
             results.append(vllm_stats(llm))
+        elif kind == "kv_events":
+            events: list = []
+            collect_kv_events(op["endpoint"], events, stop_events)
+            results.append(events)
         elif kind == "corrupt":
             results.append(corrupt(op["path"], op["positions"]))
         elif kind == "sleep":
@@ -276,6 +314,9 @@ def run(spec: dict) -> dict:
             raise ValueError(f"unknown op {kind!r}")
     for t in background:
         t.join(timeout=120)
+    if any(op["op"] == "kv_events" for op in spec["ops"]):
+        time.sleep(1.0)      # the publisher thread sends the last steps' batches
+        stop_events.set()
     return out
 
 

@@ -193,19 +193,33 @@ class CacheMetrics:
             "Time of one batch operation of a remote tier (op: lookup, get, put; one request or "
             "pipeline round per chunk batch)", ["tier", "op"], buckets=LATENCY_BUCKETS, registry=r)
         self._server = None
+        self._interval: dict[str, int] = {}     # counts since `take_interval` (vLLM's stats)
+
+    def _count(self, name: str, n: int) -> None:
+        if n:
+            self._interval[name] = self._interval.get(name, 0) + int(n)
+
+    def take_interval(self) -> dict[str, int]:
+        """What was counted since the last call: lookup_tokens, hit_tokens, stored_chunks,
+        evicted_chunks and `miss_tokens:<reason>` (the connector's stats for vLLM)."""
+        out, self._interval = self._interval, {}
+        return out
 
     def record_lookup(self, lookup_tokens: int, engine_prefix_tokens: int) -> None:
         """One request looked up: its tokens in full chunks, and those the engine's own prefix
         cache already had. Hits are counted when they are loaded (`record_load`)."""
         self.requests.inc()
         self.lookup_tokens.inc(lookup_tokens)
+        self._count("lookup_tokens", lookup_tokens)
         self.engine_prefix_hit_tokens.inc(engine_prefix_tokens)
 
     def record_load(self, loaded_tokens: int, failed_tokens: int) -> None:
         self.hit_tokens.inc(loaded_tokens)
         self.failed_load_tokens.inc(failed_tokens)
+        self._count("hit_tokens", loaded_tokens)
         if failed_tokens:
             self.miss_tokens.labels("load_failed", "").inc(failed_tokens)
+            self._count("miss_tokens:load_failed", failed_tokens)
 
     def record_misses(self, misses) -> None:
         """Add one request's missed tokens, a mapping (reason, tier) -> tokens
@@ -213,11 +227,14 @@ class CacheMetrics:
         for (reason, tier), n in misses.items():
             if n:
                 self.miss_tokens.labels(reason, tier).inc(n)
+                self._count("miss_tokens:" + reason, n)
 
     def apply(self, d: MetricsDelta) -> None:
         """Fold a worker delta into the metrics (scheduler side)."""
         self.stored_chunks.inc(d.stored_chunks)
         self.stored_bytes.inc(d.stored_bytes)
+        self._count("stored_chunks", d.stored_chunks)
+        self._count("evicted_chunks", sum(d.evictions.values()))
         self.retrieved_chunks.inc(d.retrieved_chunks)
         self.retrieved_bytes.inc(d.retrieved_bytes)
         self.load_failures.inc(d.load_failures)

@@ -21,6 +21,8 @@ Flow of one request (invariants in `vllm_plan.py` and `vllm_cache.py`):
                                          which serves the Prometheus endpoint
   scheduler  request_finished            the request's missed tokens by reason (observe.py);
                                          with `trace.path`, its line of the captured trace
+             get_kv_connector_stats      the step's counts for vLLM's own stats and /metrics
+             take_events                 chunks stored / evicted as vLLM KV events (vllm_stats.py)
 
 The worker and the scheduler may share a process (vLLM's `uni` executor) or not (`mp`, always on
 CPU): the socket works for both. With tensor parallelism each rank keeps its own shard of every
@@ -59,6 +61,7 @@ from lmcache_lab.integrations.vllm_cache import (LookupClient, LookupServer, Wor
 from lmcache_lab.integrations.vllm_identity import model_fingerprint, pipeline_rank, request_identity
 from lmcache_lab.integrations.vllm_plan import (LoadSpec, Planner, StepPlan, StoreSpec,
                                                  servable_tokens)
+from lmcache_lab.integrations.vllm_stats import LMCacheLabPromMetrics, LMCacheLabStats, kv_events
 from lmcache_lab.integrations.vllm_support import unsupported_spec_reason
 from lmcache_lab.keys import ChunkKeyer, Namespace
 from lmcache_lab.kernels.blocks import block_records, gather_blocks, scatter_blocks
@@ -95,10 +98,12 @@ class LMCacheLabConnectorMetadata(KVConnectorMetadata):
 @dataclass
 class LMCacheLabWorkerMetadata(KVConnectorWorkerMetadata):
     delta: MetricsDelta
+    events: list[tuple] = field(default_factory=list)   # raw chunk events (vllm_stats.kv_events)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         assert isinstance(other, LMCacheLabWorkerMetadata)
-        return LMCacheLabWorkerMetadata(self.delta.aggregate(other.delta))
+        return LMCacheLabWorkerMetadata(self.delta.aggregate(other.delta),
+                                        self.events + other.events)
 
 
 # ================================================================================= namespace
@@ -165,6 +170,9 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         self._plan_errors = 0
         self._refused_ids: set[str] = set()      # refused requests counted (once each)
         self.trace: TraceWriter | None = None
+        self._kv_events: list = []                # vLLM events waiting for take_events
+        ev = vllm_config.kv_events_config
+        self._events_enabled = bool(ev is not None and ev.enable_kv_cache_events)
         self.metrics: CacheMetrics | None = None
         self.metrics_port: int | None = None
         if role == KVConnectorRole.SCHEDULER:
@@ -203,7 +211,9 @@ class LMCacheLabConnector(KVConnectorBase_V1):
                 "policy": c.policy.name, "capacity_bytes": c.tiers.cpu.capacity_bytes,
                 "hash": c.hash, "engine_prefix_cache":
                     bool(vllm_config.cache_config.enable_prefix_caching)}
-        return TraceWriter(c.trace.path, keyer, meta, c.trace.sample)
+        writer = TraceWriter(c.trace.path, keyer, meta, c.trace.sample)
+        atexit.register(writer.close)      # the queued lines land even without a shutdown() call
+        return writer
 
     def _lookup(self, req_id: str, prompt, max_chunks: int, skip: int, identity) -> int:
         self.metrics.lookups.labels("worker").inc()
@@ -271,6 +281,30 @@ class LMCacheLabConnector(KVConnectorBase_V1):
             self.metrics.apply(meta.delta)
             if self.trace is not None and meta.delta.stored_chunks:
                 self.trace.chunk_bytes(meta.delta.stored_bytes // meta.delta.stored_chunks)
+            if self._events_enabled and meta.events:
+                self._kv_events.extend(kv_events(meta.events))
+
+    def take_events(self):
+        """Chunks stored in / evicted from the worker's tiers since the last call, as vLLM's
+        BlockStored / BlockRemoved (only with vLLM's KV events on)."""
+        out, self._kv_events = self._kv_events, []
+        return out
+
+    def get_kv_connector_stats(self) -> LMCacheLabStats | None:
+        """Scheduler side: what the metrics counted since the last call, for vLLM's stats (its
+        log line and its Prometheus registry, `LMCacheLabPromMetrics`)."""
+        if self.metrics is None:
+            return None
+        data = self.metrics.take_interval()
+        return LMCacheLabStats(data) if data else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> LMCacheLabStats:
+        return LMCacheLabStats(dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        return LMCacheLabPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def request_finished(self, request: "Request", block_ids: list[int]
                          ) -> tuple[bool, dict[str, Any] | None]:
@@ -330,7 +364,9 @@ class LMCacheLabConnector(KVConnectorBase_V1):
                             tp_rank, tp_size, pp_rank, pp_size, self._block_native)
         # MLA: one copy for all tensor ranks (make_namespace drops the rank), written by rank 0
         self._stores_here = self._layout.v is not None or tp_rank == 0
-        self._cache = WorkerCache(CacheEngine(self.config, namespace=ns))
+        # events once per chunk: tensor rank 0 speaks for the ranks' shards
+        self._cache = WorkerCache(CacheEngine(self.config, namespace=ns),
+                                  events=self._events_enabled and tp_rank == 0)
         self._cache.serve(path, self._authkey)
         atexit.register(self._cache.close)
         log.info("lmcache_lab: %s layout (%s chunks), %d layers, chunk_size %d, tiers %s, "
@@ -504,8 +540,10 @@ class LMCacheLabConnector(KVConnectorBase_V1):
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
         if self._cache is None:
             return None
-        delta = self._cache.take_delta()
-        return None if delta is None else LMCacheLabWorkerMetadata(delta)
+        delta, events = self._cache.take_delta(), self._cache.take_events()
+        if delta is None and not events:
+            return None
+        return LMCacheLabWorkerMetadata(delta or MetricsDelta(), events)
 
     def shutdown(self):
         if self._cache is not None:

@@ -51,6 +51,8 @@ from lmcache_lab.engine import CacheEngine
 from lmcache_lab.keys import Identity
 from lmcache_lab.metrics import DeltaTracker
 from lmcache_lab.observe import NEVER_STORED, GhostIndex, Miss
+
+MAX_EVENTS = 4096      # chunk events held between two steps; more are dropped (counted)
 from lmcache_lab.tiers import MemoryTier, payload_nbytes
 from lmcache_lab.write_behind import WriteBehind
 
@@ -70,7 +72,8 @@ def socket_path(endpoint: str, rank: int) -> str:
 class WorkerCache:
     """The worker's cache: engine + per-request keys and pins + write-behind + lookup server."""
 
-    def __init__(self, engine: CacheEngine):
+    def __init__(self, engine: CacheEngine, events: bool = False):
+        """`events`: collect chunk stores and evictions for vLLM's KV events (`take_events`)."""
         self.engine = engine
         self.lock = threading.Lock()                # guards keys, pins and the counters below
         self.keys: dict[str, list[bytes]] = {}      # req_id -> keys of its full prompt chunks
@@ -81,13 +84,35 @@ class WorkerCache:
         self.counters = {"store_failures": 0, "loaded_tokens": 0, "failed_load_tokens": 0}
         self.writer = WriteBehind(engine.config.write_behind.max_bytes) if self.slow else None
         self.ghost = GhostIndex(engine.config.observability.ghost_entries)
-        engine.store_.observe_evictions(self.ghost.evicted)
+        self.events: list[tuple] | None = [] if events else None    # raw, for vllm_stats.kv_events
+        self.events_dropped = 0
+        engine.store_.observe_evictions(self._evicted)
         self._server: LookupServer | None = None
 
     def count(self, **increments: int) -> None:
         with self.lock:
             for name, n in increments.items():
                 self.counters[name] += n
+
+    def _evicted(self, tier: str, keys: list[bytes]) -> None:
+        self.ghost.evicted(tier, keys)
+        self._event(*(("removed", tier, k) for k in keys))
+
+    def _event(self, *events: tuple) -> None:
+        if self.events is None:
+            return
+        with self.lock:
+            room = MAX_EVENTS - len(self.events)
+            self.events.extend(events[:max(0, room)])
+            self.events_dropped += max(0, len(events) - max(0, room))
+
+    def take_events(self) -> list[tuple]:
+        """Raw chunk events since the last call (`vllm_stats.kv_events` turns them into vLLM's)."""
+        if self.events is None:
+            return []
+        with self.lock:
+            out, self.events = self.events, []
+        return out
 
     # ---- requests ---------------------------------------------------------------------------------
     def lookup(self, req_id: str, tokens: np.ndarray, max_chunks: int, skip: int,
@@ -173,16 +198,25 @@ class WorkerCache:
     def write(self, keys: list[bytes], index: int, chunk: torch.Tensor) -> None:
         """Store a fresh chunk tensor as chunk `index` of the chain `keys`: memory tiers now, slow
         tiers behind the step if the write-behind budget has room (else skipped, counted)."""
-        if self.fast:
-            self.engine.store_keyed(keys, [chunk], index, tiers=self.fast, touch=False)
+        parent = keys[index - 1] if index else None
+        if self.fast and self.engine.store_keyed(keys, [chunk], index, tiers=self.fast, touch=False):
+            self._stored(keys[index], parent, self.fast)
         if self.writer is not None:
             chain = keys[:index + 1]
-            queued = self.writer.submit(payload_nbytes(chunk), lambda: self.engine.store_keyed(
-                chain, [chunk], index, tiers=self.slow, touch=False))
+
+            def store_slow():
+                if self.engine.store_keyed(chain, [chunk], index, tiers=self.slow, touch=False):
+                    self._stored(chain[index], parent, self.slow)
+
+            queued = self.writer.submit(payload_nbytes(chunk), store_slow)
             if queued:
                 self.ghost.forget(keys[index])
             else:
                 self.ghost.record([keys[index]], "skipped_store")
+
+    def _stored(self, key: bytes, parent: bytes | None, tiers: list[int]) -> None:
+        size = self.engine.chunk_size
+        self._event(*(("stored", self.engine.tiers[i].name, key, parent, size) for i in tiers))
 
     def flush(self) -> None:
         """Wait until every chunk handed to `write` is in every slow tier (or skipped)."""
