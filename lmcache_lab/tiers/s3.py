@@ -16,8 +16,9 @@ Invariants:
   * A chain of chunks moves concurrently: `get_many`, `put_many`/`put_chain` and `exists_many`
     run one request per chunk on a thread pool over one shared connection pool (`max_connections`).
   * `get` returns only values that pass `chunk_check.check_value` (wire format, requested key,
-    learned layout, size cap, and the MAC when the tier has a `mac_key`: a store secret). An object larger than the cap is not downloaded. Anything invalid
-    is a counted miss (`stats.corrupt`) and is deleted, so the next store rewrites it.
+    learned layout, size cap, and the MAC when the tier has a `mac_key`: a store secret). An object
+    larger than the cap is not downloaded. Anything invalid is a counted miss (`stats.corrupt`) and
+    is deleted, so the next store rewrites it.
   * No fault reaches the caller after start-up: a network error or timeout counts in
     `stats.errors` (`stats.timeouts`), answers as a miss and opens the breaker; requests then skip
     the store at once (`stats.skipped`) while a background probe (HEAD bucket) reconnects with
