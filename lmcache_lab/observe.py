@@ -58,27 +58,22 @@ class GhostIndex:
         self._lock = threading.Lock()
 
     def record(self, keys: Sequence[bytes], reason: str, tier: str = "") -> None:
-        if self.capacity <= 0:
-            return
-        with self._lock:
-            entries = self._entries
-            for key in keys:
-                entries[key] = (reason, tier)
-                entries.move_to_end(key)
-            while len(entries) > self.capacity:
-                entries.popitem(last=False)
+        self._put(keys, lambda _old: (reason, tier))
 
     def evicted(self, tier: str, keys: Sequence[bytes]) -> None:
         """`keys` were evicted from `tier`; a key whose slow-tier store was skipped keeps that
         reason (it is why no slower tier still holds it)."""
+        evicted: Miss = ("evicted", tier)
+        self._put(keys, lambda old: old if old[0] == "skipped_store" else evicted)
+
+    def _put(self, keys: Sequence[bytes], miss_of) -> None:
+        """Set each key's entry to `miss_of(its current entry)`, newest last; trim the oldest."""
         if self.capacity <= 0:
             return
         with self._lock:
             entries = self._entries
             for key in keys:
-                if entries.get(key, NEVER_STORED)[0] != "skipped_store":
-                    entries[key] = ("evicted", tier)
-                entries.move_to_end(key)
+                entries[key] = miss_of(entries.pop(key, NEVER_STORED))
             while len(entries) > self.capacity:
                 entries.popitem(last=False)
 

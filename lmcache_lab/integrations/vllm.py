@@ -308,6 +308,15 @@ class LMCacheLabConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: "Request", block_ids: list[int]
                          ) -> tuple[bool, dict[str, Any] | None]:
+        try:
+            self._observe_finished(request)
+        except Exception:      # observability never fails a request: logged with its traceback
+            log.exception("lmcache_lab: recording finished request %s failed", request.request_id)
+        self._planner.finished(request.request_id)
+        return False, None   # stores finish within each step: the blocks may be freed now
+
+    def _observe_finished(self, request: "Request") -> None:
+        """The request's missed tokens by reason, and its line of the captured trace."""
         self._refused_ids.discard(request.request_id)
         t = self._planner.requests.get(request.request_id)
         if t is not None and t.counted:
@@ -319,8 +328,6 @@ class LMCacheLabConnector(KVConnectorBase_V1):
             if identity is not None:
                 self.trace.submit(request.arrival_time, request.prompt_token_ids, identity,
                                   request.num_output_tokens)
-        self._planner.finished(request.request_id)
-        return False, None   # stores finish within each step: the blocks may be freed now
 
     # ------------------------------------------------------------------ worker side
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):

@@ -75,6 +75,7 @@ def test_replay_of_the_captured_trace_gives_the_live_token_hit_rate(captured):
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     replayed = json.loads((run / "summary.json").read_text())["token_hit_rate"]
+    print(f"token hit rate: live {live:.4f}, replayed {replayed:.4f}")
     assert abs(replayed - live) <= TOLERANCE, (replayed, live)
 
 
