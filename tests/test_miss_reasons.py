@@ -146,3 +146,22 @@ def test_each_requests_reasons_sum_to_its_lookup_minus_hit_tokens(seed):
     assert total == (metrics.value("lmcache_lab_lookup_tokens_total")
                      - metrics.value("lmcache_lab_hit_tokens_total"))
     cache.close()
+
+
+def test_engine_summary_holds_the_miss_reasons_of_the_endpoint():
+    from lmcache_lab.experiments.engine_run import ArmResult, Record, arm_summary
+    from lmcache_lab.experiments.vllm_driver import scrape
+
+    m = CacheMetrics()
+    m.record_lookup(1024, 0)
+    m.record_load(256, 0)
+    m.record_misses({("evicted", "cpu"): 512, ("never_stored", ""): 256})
+    port = m.serve(0)
+    try:
+        scraped = scrape(port)
+    finally:
+        m.close()
+    rec = Record("lmcache_lab", 0, "g", 0, 0.0, 0.0, 1.0, 1.0, 1100, 256, 1)
+    out = arm_summary(ArmResult([rec], 1.0, scraped))["connector"]
+    assert out["miss_tokens"] == {"evicted:cpu": 512.0, "never_stored": 256.0}
+    assert sum(out["miss_tokens"].values()) == out["lookup_tokens"] - out["hit_tokens"]
