@@ -141,7 +141,8 @@ def replay_sweep_report(root: Path) -> Path | None:
             Path(root) / f"lru_stack_{Path(str(trace)).stem}.csv", index=False)
         shown = caps <= group["capacity_blocks"].max()
         scale = caps[-1] if by_fraction and len(caps) else 1      # the trace's unique blocks
-        axes[0].plot(caps[shown] / scale, rates[shown], color="0.4", linewidth=1,
+        # a step: at a fraction f the capacity is int(f * unique blocks), as in the replay
+        axes[0].step(caps[shown] / scale, rates[shown], where="post", color="0.4", linewidth=1,
                      label="lru (stack distances)")
         for ax, col in zip(axes, ["infinite_chunk_hit_rate", "infinite_flops_saved_fraction"]):
             if col in group and group[col].notna().any():
