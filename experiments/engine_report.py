@@ -151,9 +151,11 @@ def build_run_report(run_dir: Path) -> Path:
     conn = s["arms"].get("lmcache_lab", {}).get("connector")
     if conn:
         a = s["arms"]["lmcache_lab"]
+        counters = {k: v for k, v in conn.items() if k != "miss_tokens"}
         lines += ["Connector metrics (lmcache_lab arm, scraped from its endpoint):", "",
-                  _md_table(pd.DataFrame([{**conn, "metrics_token_hit_rate": a["metrics_token_hit_rate"],
-                                           "engine_token_hit_rate": a["token_hit_rate"]}])), ""]
+                  _md_table(pd.DataFrame([{**counters, "metrics_token_hit_rate": a["metrics_token_hit_rate"],
+                                           "engine_token_hit_rate": a["token_hit_rate"]}])), "",
+                  f"Missed tokens by reason (docs/observability.md): {_misses(conn)}", ""]
     lines += ["![TTFT CDF](ttft_cdf.png)", "", "![TTFT per request](ttft_by_request.png)", "",
               "![hit rate over time](hit_rate_over_time.png)", ""]
     out = run_dir / "report.md"
@@ -171,6 +173,12 @@ def print_run(summary: dict[str, Any]) -> None:
               f"already in the engine = token hit rate {a['metrics_token_hit_rate']:.4f} "
               f"(engine-reported {a['token_hit_rate']:.4f}); {c['stored_chunks']:.0f} chunks stored, "
               f"{c['evictions']:.0f} evicted")
+        print(f"missed tokens by reason: {_misses(c)}")
+
+
+def _misses(connector: dict[str, Any]) -> str:
+    misses = connector.get("miss_tokens") or {}
+    return ", ".join(f"{k} {v:.0f}" for k, v in sorted(misses.items(), key=lambda kv: -kv[1])) or "none"
 
 
 # ================================================================================= sweeps
