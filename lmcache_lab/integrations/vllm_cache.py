@@ -51,12 +51,12 @@ from lmcache_lab.engine import CacheEngine
 from lmcache_lab.keys import Identity
 from lmcache_lab.metrics import DeltaTracker
 from lmcache_lab.observe import NEVER_STORED, GhostIndex, Miss
-
-MAX_EVENTS = 4096      # chunk events held between two steps; more are dropped (counted)
 from lmcache_lab.tiers import MemoryTier, payload_nbytes
 from lmcache_lab.write_behind import WriteBehind
 
 log = logging.getLogger(__name__)
+
+MAX_EVENTS = 4096      # chunk events held between two steps; more are dropped (counted)
 
 
 def socket_path(endpoint: str, rank: int) -> str:
