@@ -152,3 +152,39 @@ class EvictionPolicy:
 
     def _leaf_changed(self, key: Key, is_leaf: bool) -> None:
         """Called when a resident key gains its first child or loses its last one."""
+
+
+class LeafList:
+    """Resident leaves in a list with swap-removal: O(1) add, discard and draws by index, for the
+    sampled-eviction policies (`hyperbolic`, `lhd`, `learned`), which draw victims only from it."""
+    __slots__ = ("_keys", "_at")
+
+    def __init__(self):
+        self._keys: list[Key] = []
+        self._at: dict[Key, int] = {}        # leaf -> its index in _keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __getitem__(self, i: int) -> Key:
+        return self._keys[i]
+
+    def __iter__(self) -> Iterator[Key]:
+        return iter(self._keys)
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self._at
+
+    def set(self, key: Key, is_leaf: bool) -> None:
+        """Add `key` (is_leaf) or discard it (not, or no longer, resident)."""
+        if is_leaf:
+            if key not in self._at:
+                self._at[key] = len(self._keys)
+                self._keys.append(key)
+        elif key in self._at:
+            i = self._at.pop(key)
+            last = self._keys.pop()
+            if last != key:
+                self._keys[i] = last
+                self._at[last] = i
+

@@ -3,7 +3,7 @@ from __future__ import annotations
 import random
 
 from lmcache_lab.cost import MODELS, ModelCost
-from lmcache_lab.policies.base import EvictionPolicy
+from lmcache_lab.policies.base import EvictionPolicy, LeafList
 
 
 class HyperbolicPolicy(EvictionPolicy):
@@ -38,26 +38,14 @@ class HyperbolicPolicy(EvictionPolicy):
         self._born: dict = {}
         self._weight: dict = {}
         self._fresh: set = set()
-        self._leaves: list = []
-        self._at: dict = {}          # leaf -> index in _leaves
-
-    def _add_leaf(self, key):
-        self._at[key] = len(self._leaves)
-        self._leaves.append(key)
-
-    def _drop_leaf(self, key):
-        i = self._at.pop(key)
-        last = self._leaves.pop()
-        if last != key:
-            self._leaves[i] = last
-            self._at[last] = i
+        self._leaves = LeafList()
 
     def _inserted(self, key, nbytes, position):
         self._uses[key] = 1
         self._born[key] = self.now
         self._weight[key] = (self.model.chunk_flops(self.chunk_tokens, position) / self._unit) ** self.cost_exponent
         self._fresh.add(key)
-        self._add_leaf(key)
+        self._leaves.set(key, True)
 
     def on_access(self, chain):
         self.now += 1
@@ -69,16 +57,12 @@ class HyperbolicPolicy(EvictionPolicy):
                 uses[key] += 1
 
     def _removed(self, key):
-        if key in self._at:
-            self._drop_leaf(key)
+        self._leaves.set(key, False)
         del self._uses[key], self._born[key], self._weight[key]
         self._fresh.discard(key)
 
     def _leaf_changed(self, key, is_leaf):
-        if is_leaf:
-            self._add_leaf(key)
-        else:
-            self._drop_leaf(key)
+        self._leaves.set(key, is_leaf)
 
     def victim(self, can_evict=None):
         leaves = self._leaves

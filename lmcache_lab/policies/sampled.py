@@ -23,7 +23,7 @@ INFOCOM'01, sampled eviction; LHD and LRB evict the same way).
 from __future__ import annotations
 
 import random
-from lmcache_lab.policies.base import EvictionPolicy, Key
+from lmcache_lab.policies.base import EvictionPolicy, Key, LeafList
 
 NO_GAP = -1
 
@@ -62,37 +62,20 @@ class ScoredPolicy(EvictionPolicy):
         self.info: dict[Key, ChunkInfo] = {}
         self._fresh: set = set()
         self._open: tuple | None = None   # (first key, last key, length) of a request's first touch
-        self._leaves: list = []
-        self._at: dict = {}
-
-    # ---- leaves ---------------------------------------------------------------------------------
-    def _add_leaf(self, key):
-        self._at[key] = len(self._leaves)
-        self._leaves.append(key)
-
-    def _drop_leaf(self, key):
-        i = self._at.pop(key)
-        last = self._leaves.pop()
-        if last != key:
-            self._leaves[i] = last
-            self._at[last] = i
+        self._leaves = LeafList()
 
     def _leaf_changed(self, key, is_leaf):
-        if is_leaf:
-            self._add_leaf(key)
-        else:
-            self._drop_leaf(key)
+        self._leaves.set(key, is_leaf)
 
     # ---- hooks of the base class ----------------------------------------------------------------
     def _inserted(self, key, nbytes, position):
         info = self.info[key] = ChunkInfo(self.now, position // self.chunk_tokens, nbytes)
         self._fresh.add(key)
-        self._add_leaf(key)
+        self._leaves.set(key, True)
         self._stored(key, info)
 
     def _removed(self, key):
-        if key in self._at:
-            self._drop_leaf(key)
+        self._leaves.set(key, False)
         self._fresh.discard(key)
         self._evicted(key, self.info.pop(key))
 
