@@ -222,6 +222,11 @@ def print_table(rows: list[dict]) -> None:
             ("tier_get_one_MBps", "tier get 1-by-1"), ("put_pipelined_vs_one", "put pipe/1"),
             ("get_pipelined_vs_one", "get pipe/1"), ("redis_benchmark_set_MBps", "redis-benchmark SET"),
             ("redis_benchmark_get_MBps", "redis-benchmark GET")]
+    markdown_table(rows, cols)
+
+
+def markdown_table(rows: list[dict], cols: list[tuple[str, str]]) -> None:
+    """Print `rows` as a Markdown table of `cols` ((key, heading) pairs); a missing key is n/a."""
     print("| " + " | ".join(h for _, h in cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:

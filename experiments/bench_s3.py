@@ -45,7 +45,7 @@ import torch
 
 from lmcache_lab import wire
 from lmcache_lab.config import S3TierConfig
-from lmcache_lab.experiments.bench_redis import CHUNKS, interleaved, ratio
+from lmcache_lab.experiments.bench_redis import CHUNKS, interleaved, markdown_table, ratio
 from lmcache_lab.experiments.bench_redis_ttft import measure_ttft
 from lmcache_lab.tiers.s3 import S3Tier, _make_client
 
@@ -205,21 +205,15 @@ def print_tables(result: dict) -> None:
             ("tier_put_MBps", "tier put_many MB/s"), ("put_tier_vs_raw", "put tier/raw"),
             ("raw_get_MBps", "raw get MB/s"), ("tier_get_MBps", "tier get_many MB/s"),
             ("get_tier_vs_raw", "get tier/raw")]
-    table(result["throughput"], cols)
+    markdown_table(result["throughput"], cols)
     if result["ttft"]:
         print()
-        table(result["ttft"], [
+        markdown_table(result["ttft"], [
             ("prompt_tokens", "prompt tokens"), ("a_cold_s", "A cold s"), ("a_apc_warm_s", "A APC warm s"),
             ("b_cold_s", "B cold s"), ("b_remote_warm_s", "B S3 warm s"),
             ("remote_warm_vs_apc_warm", "S3 warm / APC warm"), ("remote_warm_vs_cold", "S3 warm / cold"),
             ("same_tokens", "same tokens")])
 
-
-def table(rows: list[dict], cols: list[tuple[str, str]]) -> None:
-    print("| " + " | ".join(h for _, h in cols) + " |")
-    print("|" + "---|" * len(cols))
-    for r in rows:
-        print("| " + " | ".join(str(r.get(k, "n/a")) for k, _ in cols) + " |")
 
 
 if __name__ == "__main__":
