@@ -242,7 +242,8 @@ def build_sweep_report(root: Path) -> Path | None:
     hits.columns = ["policy", *[f"hit rate @ {c:g} MiB" for c in hits.columns[1:]]]
     first = runs[0][1]
     lines = [f"# Engine sweep: {first['workload']} on {first['model']} ({first['engine']})", "",
-             f"{len(runs)} runs under `{root}`.", "", "## lmcache_lab arm: TTFT p50 by policy and CPU-tier capacity", "",
+             f"{len(runs)} runs under `{root}`.", "",
+             "## lmcache_lab arm: TTFT p50 by policy and CPU-tier capacity", "",
              _md_table(pivot), "", "## lmcache_lab arm: token hit rate", "", _md_table(hits), "",
              "![TTFT vs capacity](ttft_vs_capacity.png)", "", "![hit rate vs capacity](hit_rate_vs_capacity.png)", "",
              "## Every run and arm", "", _md_table(df), "",

@@ -20,9 +20,10 @@ constructor's keyword arguments, plus `model`, the resolved model directory):
         def run_arm(self, arm: ArmSpec, requests: list[Request], workdir: Path,
                     progress: bool) -> ArmResult
 
-`run_arm` starts an engine for the arm, sends one unrecorded warm-up request, then every request (honouring `arrival_s` and `after`,
-at most `max_inflight` in flight), measures each request's TTFT as the time from sending to the
-first generated token arriving at the client, stops the engine (also on errors) and returns one
+`run_arm` starts an engine for the arm, sends one unrecorded warm-up request, then every request
+(honouring `arrival_s` and `after`, at most `max_inflight` in flight), measures each request's
+TTFT as the time from sending to the first generated token arriving at the client, stops the
+engine (also on errors) and returns one
 `Record` per request in index order, plus the connector's metrics (`metrics_port` of the
 connector config) scraped after the last request.
 
@@ -571,10 +572,10 @@ def run_engine_experiment(cfg, out_dir: Path) -> dict:
         "arms": {name: arm_summary(res) for name, res in results.items()},
     }
     a = summary["arms"]
-    if "cold" in a and "lmcache_lab" in a:
-        summary["speedup_p50_vs_cold"] = a["cold"]["ttft_ms"]["p50"] / a["lmcache_lab"]["ttft_ms"]["p50"]
-    if "engine_cache" in a and "lmcache_lab" in a:
-        summary["speedup_p50_vs_engine_cache"] = a["engine_cache"]["ttft_ms"]["p50"] / a["lmcache_lab"]["ttft_ms"]["p50"]
+    for base in ("cold", "engine_cache"):
+        if base in a and "lmcache_lab" in a:
+            summary[f"speedup_p50_vs_{base}"] = (a[base]["ttft_ms"]["p50"]
+                                                 / a["lmcache_lab"]["ttft_ms"]["p50"])
     if "lmcache_lab" in a:
         summary["token_hit_rate"] = a["lmcache_lab"]["token_hit_rate"]
     records = [r for res in results.values() for r in res.records]

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from lmcache_lab.observe import META_KEY
+
 BLOCK_TOKENS = 512
 SAMPLE = "sample"
-META_KEY = "lmcache_lab_trace"      # metadata lines of a captured trace (observe.META_KEY)
 
 
 @dataclass(frozen=True)

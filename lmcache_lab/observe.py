@@ -37,9 +37,9 @@ from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
 
-from lmcache_lab.experiments.trace import META_KEY
-
 log = logging.getLogger(__name__)
+
+META_KEY = "lmcache_lab_trace"      # the key of a captured trace's metadata lines
 
 MISS_REASONS = ("engine_cache", "partial", "load_failed", "refused", "never_stored", "evicted",
                 "skipped_store")

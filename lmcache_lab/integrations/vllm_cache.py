@@ -256,8 +256,8 @@ def refuse_lookup(req_id: str, tokens: np.ndarray, max_chunks: int, skip: int,
 
 class LookupServer:
     """Answers `LookupClient`s on a unix socket with `answer(req_id, tokens, max_chunks, skip,
-    identity)` -> (hit chunks, miss reason) (a daemon thread per connection). A failing answer is sent back as an error, which
-    the scheduler counts as a miss."""
+    identity)` -> (hit chunks, miss reason) (a daemon thread per connection). A failing answer
+    is sent back as an error, which the scheduler counts as a miss."""
 
     def __init__(self, path: str, authkey: bytes, answer):
         self.answer = answer

@@ -16,8 +16,8 @@ from lmcache_lab.policies.s3fifo import S3FIFOPolicy
 from lmcache_lab.policies.sieve import SievePolicy
 
 POLICIES: dict[str, type[EvictionPolicy]] = {
-    cls.name: cls for cls in (LRUPolicy, LFUPolicy, S3FIFOPolicy, SievePolicy, ARCPolicy, CostAwarePolicy, HyperbolicPolicy,
-                              HitDensityPolicy, LearnedPolicy,
+    cls.name: cls for cls in (LRUPolicy, LFUPolicy, S3FIFOPolicy, SievePolicy, ARCPolicy,
+                              CostAwarePolicy, HyperbolicPolicy, HitDensityPolicy, LearnedPolicy,
                               BeladyPolicy, PrefixBeladyPolicy)
 }
 OFFLINE = {name for name, cls in POLICIES.items() if cls.offline}

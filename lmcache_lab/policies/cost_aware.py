@@ -99,7 +99,8 @@ class CostAwarePolicy(EvictionPolicy):
     # ---- policy hooks -------------------------------------------------------------------------
     def _inserted(self, key, nbytes, position):
         cost = self.model.chunk_flops(self.chunk_tokens, position) / self._unit
-        self._value[key] = (cost * self.chunk_tokens * self.model.kv_bytes_per_token / max(nbytes, 1)) ** self.cost_exponent
+        saved_per_byte = cost * self.chunk_tokens * self.model.kv_bytes_per_token / max(nbytes, 1)
+        self._value[key] = saved_per_byte ** self.cost_exponent
         cls = self._ghost.pop(key, None)
         if cls is not None:
             self._reused(cls)        # came back soon after eviction: its class was worth keeping

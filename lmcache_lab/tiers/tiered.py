@@ -35,9 +35,11 @@ class TieredStore:
         lock (keep it short). A tier evicts exactly the victims its policy hands out
         (`pop_victim`, `pop_victims` in `BudgetedTier`), so wrapping those two methods sees every
         eviction and nothing else (a deleted corrupt value is not one). A policy whose
-        `pop_victims` calls its own `pop_victim` reports each victim once."""
+        `pop_victims` calls its own `pop_victim` reports each victim once. A tier without a
+        policy (Redis, S3: the store evicts by itself) reports nothing."""
         for tier in self.tiers:
-            _report_victims(tier.name, tier.policy, listener)
+            if tier.policy is not None:
+                _report_victims(tier.name, tier.policy, listener)
 
     def select(self, indices: Sequence[int] | None) -> list[BudgetedTier]:
         return self.tiers if indices is None else [self.tiers[i] for i in indices]
