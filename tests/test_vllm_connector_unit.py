@@ -428,3 +428,16 @@ def test_lookups_and_writes_from_threads_keep_pins_consistent():
         t.join()
     assert not errors
     assert cache.engine.stats.load_failures == 0
+
+
+def test_a_literal_store_secret_is_refused_in_the_extra_config():
+    """vLLM logs kv_connector_extra_config: only file:/env: references pass there."""
+    from lmcache_lab.config import ConfigError
+    from lmcache_lab.integrations.vllm import refuse_literal_secret
+
+    with pytest.raises(ConfigError, match="file:/path or env:NAME") as e:
+        refuse_literal_secret({"store_secret": "hunter2-but-much-longer-than-16"})
+    assert "hunter2" not in str(e.value)
+    refuse_literal_secret({"store_secret": "env:LMCACHE_SECRET"})
+    refuse_literal_secret({"store_secret": "file:/run/secrets/kv"})
+    refuse_literal_secret({})

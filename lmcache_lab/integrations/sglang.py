@@ -57,7 +57,7 @@ from lmcache_lab.config import ConfigError, load_config
 from lmcache_lab.engine import CacheEngine
 from lmcache_lab.kernels.layout import SUPPORTED_DTYPES, KVLayout, validate_caches
 from lmcache_lab.kernels.paged import gather, scatter
-from lmcache_lab.keys import Namespace
+from lmcache_lab.keys import Namespace, namespace_root
 from lmcache_lab.metrics import CacheMetrics, DeltaTracker
 from lmcache_lab.tiers import MemoryTier
 from lmcache_lab.write_behind import WriteBehind
@@ -157,7 +157,7 @@ class LMCacheLabStorage(HiCacheStorage):
         self.stats_ = SGLangStorageStats()
         self._hash = _hash_fn(self.config.hash)
         self.engine = CacheEngine(self.config, namespace=self._namespace(None))
-        self._root = self._hash(self.engine.namespace.seed())
+        self._root = self.engine.keyer.root
         self.metrics = CacheMetrics()
         self._tracker = DeltaTracker()
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmcache_lab-sglang-io")
@@ -202,7 +202,9 @@ class LMCacheLabStorage(HiCacheStorage):
             self.spec = spec
             self.engine.namespace = namespace
             self.engine.chunk_size = spec.page_size   # positions (for policies) in tokens
-            self._root = self._hash(namespace.seed())
+            secret = self.config.store_secret
+            self._root = namespace_root(namespace, self.config.hash,
+                                        secret.reveal() if secret is not None else None)
         self._call("register", switch, None, timeout=None)
         log.info("lmcache_lab SGLang backend: host pool %s, page %s %s, %s path",
                  spec.host_layout, list(spec.shape), spec.dtype,

@@ -54,7 +54,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
-from lmcache_lab.config import CacheConfig, load_config
+from lmcache_lab.config import CacheConfig, ConfigError, load_config
 from lmcache_lab.engine import CacheEngine
 from lmcache_lab.integrations.vllm_cache import (LookupClient, LookupServer, WorkerCache,
                                                   refuse_lookup, socket_path)
@@ -137,6 +137,15 @@ def make_namespace(vllm_config: "VllmConfig", config: CacheConfig, layout: KVLay
                      extra=("mla;" if mla else "") + f"pp={pp_rank}/{pp_size};{cp}")
 
 
+def refuse_literal_secret(extra: dict) -> None:
+    """vLLM logs `kv_connector_extra_config` at start-up: a store secret written there in the
+    clear would land in every log. Only references to it are accepted there."""
+    secret = extra.get("store_secret")
+    if isinstance(secret, str) and not secret.startswith(("file:", "env:")):
+        raise ConfigError("store_secret: vLLM logs kv_connector_extra_config, so give the secret "
+                          "as file:/path or env:NAME there, never the secret itself")
+
+
 # ================================================================================= connector
 class LMCacheLabConnector(KVConnectorBase_V1):
     """KV-cache reuse for vLLM through lmcache_lab's chunk store (see the module docstring)."""
@@ -145,6 +154,7 @@ class LMCacheLabConnector(KVConnectorBase_V1):
                  kv_cache_config: "KVCacheConfig | None" = None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
+        refuse_literal_secret(extra)
         self.config = load_config(extra)
         self.block_size = vllm_config.cache_config.block_size
         self.engine_id = str(self._kv_transfer_config.engine_id)

@@ -164,6 +164,27 @@ def test_namespace_separates_what_changes_kv(make_backend, tmp_path):
     assert backend(tp_rank=1, tp_size=2, mla=True).batch_exists(mla_keys) == 1
 
 
+def test_store_secrets_separate_deployments_on_one_disk_folder(make_backend, tmp_path, monkeypatch):
+    """Page keys are rooted in the store secret, also after the host pool switched the
+    namespace: another secret (or none) never sees the pages."""
+    monkeypatch.setenv("SECRET_A", "the first deployment's secret")
+    monkeypatch.setenv("SECRET_B", "the other deployment's secret")
+    keys = page_hashes(list(range(100, 100 + PAGE)))
+
+    def backend(secret: str | None) -> LMCacheLabStorage:
+        extra = {"tiers": {"cpu": {"capacity_bytes": 0}, "disk": {"path": str(tmp_path)}}}
+        if secret:
+            extra["store_secret"] = f"env:{secret}"
+        return make_backend(extra, pool=pool(seed=7))
+
+    writer = backend("SECRET_A")
+    assert writer.batch_set_v1(keys, page_indices(0, 1, PAGE)) == [True]
+    writer.flush()
+    assert backend("SECRET_A").batch_exists(keys) == 1
+    assert backend("SECRET_B").batch_exists(keys) == 0
+    assert backend(None).batch_exists(keys) == 0
+
+
 def test_bad_input_is_refused_not_stored(make_backend):
     src = pool(seed=7)
     backend = make_backend(pool=src)
