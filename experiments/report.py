@@ -136,14 +136,15 @@ def replay_sweep_report(root: Path) -> Path | None:
             style = "--" if bool(g["offline"].iloc[0]) else "-"
             axes[0].plot(g[xcol], g["chunk_hit_rate"], style, marker="o", label=policy)
             axes[1].plot(g[xcol], g["flops_saved_fraction"], style, marker="o", label=policy)
-        caps, rates = lru_stack_curve(str(trace), int(group["requests"].iloc[0]))
-        pd.DataFrame({"capacity_blocks": caps, "chunk_hit_rate": rates}).to_csv(
-            Path(root) / f"lru_stack_{Path(str(trace)).stem}.csv", index=False)
-        shown = caps <= group["capacity_blocks"].max()
-        scale = caps[-1] if by_fraction and len(caps) else 1      # the trace's unique blocks
-        # a step: at a fraction f the capacity is int(f * unique blocks), as in the replay
-        axes[0].step(caps[shown] / scale, rates[shown], where="post", color="0.4", linewidth=1,
-                     label="lru (stack distances)")
+        if "requests" in group and group["requests"].notna().all():   # (older summaries: no count)
+            caps, rates = lru_stack_curve(str(trace), int(group["requests"].iloc[0]))
+            pd.DataFrame({"capacity_blocks": caps, "chunk_hit_rate": rates}).to_csv(
+                Path(root) / f"lru_stack_{Path(str(trace)).stem}.csv", index=False)
+            shown = caps <= group["capacity_blocks"].max()
+            scale = caps[-1] if by_fraction and len(caps) else 1      # the trace's unique blocks
+            # a step: at a fraction f the capacity is int(f * unique blocks), as in the replay
+            axes[0].step(caps[shown] / scale, rates[shown], where="post", color="0.4",
+                         linewidth=1, label="lru (stack distances)")
         for ax, col in zip(axes, ["infinite_chunk_hit_rate", "infinite_flops_saved_fraction"]):
             if col in group and group[col].notna().any():
                 ax.axhline(float(group[col].iloc[0]), color="k", linestyle=":", label="infinite cache")
