@@ -3,6 +3,7 @@
     records = block_records(layout)                        # None: this layout has no dense records
     chunk = gather_blocks(kv_caches, layout, block_ids)    # fresh [L, nb, R]
     scatter_blocks(chunk, kv_caches, layout, block_ids)    # in place
+    views = block_buffers(kv_caches, layout, block_ids)    # CPU: byte views in chunk order
 
 A paged KV cache stores each block's K and V of one layer somewhere inside the layer tensor. When
 every element of block b lies in a few dense spans `[start_p + b * block_stride, + length_p)`
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 
 from .layout import KVLayout, _grid, _layer_gap, validate_caches
-from .paged import _copy_rows, _flat
+from .paged import _INT_VIEW, _copy_rows, _flat
 
 MAX_SPANS = 64          # more spans per block would make row copies too small to pay off
 
@@ -120,6 +121,26 @@ def scatter_blocks(chunk: torch.Tensor, kv_caches, layout: KVLayout, block_ids: 
             _copy_rows(rows, idx, chunk[layers, :, offset:offset + span.length]
                        .reshape(-1, span.length))                               # [Lg * nb, len]
         offset += span.length
+
+
+def block_buffers(kv_caches, layout: KVLayout, block_ids: torch.Tensor) -> list[memoryview]:
+    """Writable byte views of blocks `block_ids` of every layer, in the element order of a
+    block-native chunk `[L, nb, R]` (layer, then block, then span): filling them in order with a
+    chunk's bytes is `scatter_blocks` without the chunk, e.g. a file read straight into the
+    engine's cache (`os.preadv`). CPU caches only (a device has no memoryview)."""
+    records, pairs, ids = _validate(kv_caches, layout, block_ids, distinct=True)
+    if pairs[0][0].device.type != "cpu":
+        raise ValueError(f"block_buffers: caches on {pairs[0][0].device}; only CPU memory has "
+                         "byte views")
+    size = pairs[0][0].element_size()
+    out = []
+    for pair in pairs:
+        flat = [memoryview(_flat(t).view(_INT_VIEW[size]).numpy()).cast("B") for t in pair]
+        for b in ids.tolist():
+            for s in records.spans:
+                start = (s.start + b * records.block_stride) * size
+                out.append(flat[s.tensor][start:start + s.length * size])
+    return out
 
 
 def gather_blocks_reference(kv_caches, layout: KVLayout, block_ids: torch.Tensor) -> torch.Tensor:

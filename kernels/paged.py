@@ -317,7 +317,7 @@ def _run_view(view: torch.Tensor, flat: bool, s0: int, length: int, bs: int) -> 
     return view[:, s0 // bs, s0 % bs:s0 % bs + length]
 
 
-_INT_VIEW = {2: torch.int16, 4: torch.int32}
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _copy_rows(rows: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> None:

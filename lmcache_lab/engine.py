@@ -34,6 +34,7 @@ from lmcache_lab.codecs import get_codec
 from lmcache_lab.config import CacheConfig, ConfigError, load_config
 from lmcache_lab.keys import ChunkKeyer, Identity, Namespace
 from lmcache_lab.tiers import BudgetedTier, TieredStore, build_tiers, payload_nbytes
+from lmcache_lab.tiers.tiered import Destination, InPlace
 
 
 @dataclass
@@ -169,18 +170,28 @@ class CacheEngine:
         return self.retrieve_keyed(self.keyer.keys(tokens, max_chunks), expected=num_tokens is not None)
 
     def retrieve_keyed(self, keys: Sequence[bytes], start: int = 0, expected: bool = True,
-                       touch_tiers: Sequence[int] | None = None) -> list[torch.Tensor]:
+                       touch_tiers: Sequence[int] | None = None,
+                       into: Destination | None = None) -> list[torch.Tensor | None]:
         """KV chunks of `keys[start:]`, in order, stopping at the first one that cannot be read.
         With `expected` (the caller was promised these chunks by a lookup), a shortfall counts
         as one `stats.load_failures` event. The chain up to the last chunk read is touched in
-        `touch_tiers` (indices; all tiers when None)."""
+        `touch_tiers` (indices; all tiers when None).
+
+        `into(i)` (i: the index into `keys`) lets a tier that can read a value straight into the
+        caller's memory do so (`TieredStore.get_chain`): that chunk's entry is None, its bytes
+        are in `into(i)`'s buffers. They take the stored tensors, not the decoded chunk: only
+        with the lossless codec `none` are the two the same."""
         t0 = time.perf_counter()
+        if into is not None and self.codec.name != "none":
+            raise ValueError(f"retrieve_keyed: into= needs codec 'none', not {self.codec.name!r}")
         values = self.store_.get_chain(keys[start:], keys[start - 1] if start else None,
-                                       start * self.chunk_size, self.chunk_size)
-        out = [self.codec.decode(value) for value in values]
+                                       start * self.chunk_size, self.chunk_size,
+                                       into=None if into is None else lambda i: into(start + i))
+        out = [None if isinstance(v, InPlace) else self.codec.decode(v) for v in values]
         self.touch(keys[:start + len(out)], touch_tiers)
+        nbytes = sum(v.nbytes if isinstance(v, InPlace) else payload_nbytes(v) for v in values)
         self.count(load_failures=int(expected and len(values) < len(keys) - start),
-                   retrieved_chunks=len(out), retrieved_bytes=sum(map(payload_nbytes, values)),
+                   retrieved_chunks=len(out), retrieved_bytes=nbytes,
                    retrieve_seconds=time.perf_counter() - t0)
         return out
 

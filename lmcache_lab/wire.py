@@ -39,6 +39,7 @@ _SIGNED = struct.Struct("<4sHI")      # the prefix fields the tag covers (all bu
 TAG_SIZE = 32
 NO_TAG = bytes(TAG_SIZE)
 OVERHEAD = _PREFIX.size + TAG_SIZE    # bytes of a value beside its header and payload
+PREFIX_SIZE = _PREFIX.size           # what `head_size` needs to see
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -138,38 +139,13 @@ def decode(data: bytes | bytearray | memoryview, expected_key: bytes | None = No
     decoded into new tensors, or kept as they are), and writing through such a tensor would
     change a `bytes` object, which Python promises never changes."""
     view = memoryview(data)
-    if len(view) < _PREFIX.size:
-        raise WireError("truncated: shorter than the fixed prefix")
-    magic, version, hlen, checksum = _PREFIX.unpack_from(view)
-    if magic != MAGIC:
-        raise WireError("not a chunk: bad magic")
-    if version != VERSION:
-        raise WireError(f"unsupported version {version} (this build reads {VERSION})")
-    if hlen > MAX_HEADER or OVERHEAD + hlen > len(view):
+    base = head_size(view[:_PREFIX.size])
+    if base > len(view):
         raise WireError("truncated or oversized header")
-    base = OVERHEAD + hlen
-    header_bytes, tag, payload = view[_PREFIX.size:_PREFIX.size + hlen], view[base - TAG_SIZE:base], view[base:]
+    payload = view[base:]
     if max_payload is not None and len(payload) > max_payload:
         raise WireError(f"payload of {len(payload)} bytes exceeds the cap of {max_payload}")
-    if xxhash.xxh3_64_intdigest(view[_PREFIX.size:]) != checksum:
-        raise WireError("checksum mismatch")
-    if mac_key is None:
-        if tag != NO_TAG:
-            raise WireError("has a MAC: written with a store secret this reader does not have, or altered")
-    elif tag == NO_TAG:
-        raise WireError("no MAC: written without the store secret")
-    elif not hmac.compare_digest(tag, _tag(mac_key, view[:_SIGNED.size], header_bytes, [payload])):
-        raise WireError("wrong MAC: not written with this store secret, or altered")
-    try:
-        header = json.loads(bytes(header_bytes))
-        key = bytes.fromhex(header["key"])
-        parent = bytes.fromhex(header["parent"]) if header["parent"] else None
-        position = int(header["position"])
-        descr = [(str(d["name"]), DTYPES[d["dtype"]], [int(s) for s in d["shape"]]) for d in header["tensors"]]
-    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:
-        raise WireError(f"malformed header: {e!r:.200}") from None
-    if expected_key is not None and key != expected_key:
-        raise WireError("stored under a different key")
+    key, parent, position, descr = _verified_header(view[:base], [payload], expected_key, mac_key)
     buffer = view if not view.readonly or alias_readonly else memoryview(bytearray(view))
     tensors, offset = {}, 0
     for name, dtype, shape in descr:
@@ -184,6 +160,71 @@ def decode(data: bytes | bytearray | memoryview, expected_key: bytes | None = No
     if offset != len(payload):
         raise WireError("payload longer than the tensors it declares")
     return ChunkRecord(key, parent, position, tensors)
+
+
+def head_size(prefix: bytes | bytearray | memoryview) -> int:
+    """Bytes before the payload (prefix, header, tag) of the value whose first `PREFIX_SIZE`
+    bytes are `prefix`; WireError unless magic, version and header length are acceptable."""
+    if len(prefix) < _PREFIX.size:
+        raise WireError("truncated: shorter than the fixed prefix")
+    magic, version, hlen, _ = _PREFIX.unpack_from(prefix)
+    if magic != MAGIC:
+        raise WireError("not a chunk: bad magic")
+    if version != VERSION:
+        raise WireError(f"unsupported version {version} (this build reads {VERSION})")
+    if hlen > MAX_HEADER:
+        raise WireError("truncated or oversized header")
+    return OVERHEAD + hlen
+
+
+def verify_into(head: bytes | bytearray | memoryview, payload: list[memoryview],
+                expected_key: bytes, layout: tuple[tuple[str, str, tuple[int, ...]], ...],
+                mac_key: bytes | None = None) -> ChunkRecord:
+    """Verify a value whose payload was read straight into place: `head` is its first
+    `head_size` bytes, `payload` the buffers that took the rest, in order. The checks are
+    `decode`'s (checksum, MAC before the header is parsed, key) plus the header declaring exactly
+    `layout` ((name, dtype name, shape) per tensor) and nothing more. The record's `tensors` is
+    empty: the bytes are where the caller put them. Until this returns, treat them as garbage."""
+    view = memoryview(head)
+    if len(view) != head_size(view[:_PREFIX.size]):
+        raise WireError("head of the wrong length")
+    key, parent, position, descr = _verified_header(view, payload, expected_key, mac_key)
+    if tuple((name, _NAMES[dtype], tuple(shape)) for name, dtype, shape in descr) != tuple(layout):
+        raise WireError(f"declares tensors {descr}, expected {list(layout)}")
+    if sum(len(p) for p in payload) != sum(prod(s) * DTYPES[d].itemsize for _, d, s in layout):
+        raise WireError("payload size differs from the tensors it declares")
+    return ChunkRecord(key, parent, position, {})
+
+
+def _verified_header(head: memoryview, payload: list[memoryview], expected_key: bytes | None,
+                     mac_key: bytes | None):
+    """(key, parent, position, [(name, dtype, shape)]) of a value whose prefix, header and tag
+    are `head` and payload `payload`, once its checksum and (with `mac_key`) its tag hold."""
+    _, _, _, checksum = _PREFIX.unpack_from(head)
+    header_bytes, tag = head[_PREFIX.size:len(head) - TAG_SIZE], head[len(head) - TAG_SIZE:]
+    h = xxhash.xxh3_64(header_bytes)
+    for part in (tag, *payload):
+        h.update(part)
+    if h.intdigest() != checksum:
+        raise WireError("checksum mismatch")
+    if mac_key is None:
+        if tag != NO_TAG:
+            raise WireError("has a MAC: written with a store secret this reader does not have, or altered")
+    elif tag == NO_TAG:
+        raise WireError("no MAC: written without the store secret")
+    elif not hmac.compare_digest(tag, _tag(mac_key, head[:_SIGNED.size], header_bytes, payload)):
+        raise WireError("wrong MAC: not written with this store secret, or altered")
+    try:
+        header = json.loads(bytes(header_bytes))
+        key = bytes.fromhex(header["key"])
+        parent = bytes.fromhex(header["parent"]) if header["parent"] else None
+        position = int(header["position"])
+        descr = [(str(d["name"]), DTYPES[d["dtype"]], [int(s) for s in d["shape"]]) for d in header["tensors"]]
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:
+        raise WireError(f"malformed header: {e!r:.200}") from None
+    if expected_key is not None and key != expected_key:
+        raise WireError("stored under a different key")
+    return key, parent, position, descr
 
 
 def _frombuffer(buffer: memoryview, count: int, offset: int) -> torch.Tensor:

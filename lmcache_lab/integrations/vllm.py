@@ -64,7 +64,7 @@ from lmcache_lab.integrations.vllm_plan import (LoadSpec, Planner, StepPlan, Sto
 from lmcache_lab.integrations.vllm_stats import LMCacheLabPromMetrics, LMCacheLabStats, kv_events
 from lmcache_lab.integrations.vllm_support import unsupported_spec_reason
 from lmcache_lab.keys import ChunkKeyer, Namespace
-from lmcache_lab.kernels.blocks import block_records, gather_blocks, scatter_blocks
+from lmcache_lab.kernels.blocks import block_buffers, block_records, gather_blocks, scatter_blocks
 from lmcache_lab.kernels.layout import KVLayout, UnsupportedLayout
 from lmcache_lab.kernels.paged import gather, scatter
 from lmcache_lab.metrics import CacheMetrics, MetricsDelta
@@ -174,6 +174,8 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         self._invalid_blocks: set[int] = set()
         self._stores_here = True      # False on tensor ranks > 0 of an MLA cache (rank 0 stores)
         self._block_native = False    # chunks are whole block records (kernels/blocks.py)
+        self._reads_into = False      # a disk tier may read them straight into the blocks
+        self._scratch: memoryview | None = None   # one chunk: blocks read but not loaded
         # scheduler side
         self._planner: Planner | None = None
         self._client: LookupClient | None = None
@@ -377,6 +379,9 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         self._block_native = (self.config.codec == "none"
                               and self.config.chunk_size % self._layout.block_size == 0
                               and block_records(self._layout) is not None)
+        # Block-native chunks in CPU memory: a disk tier reads a chunk file straight into the
+        # engine's blocks, one copy from the page cache (`DiskTier.get_into`)
+        self._reads_into = self._block_native and self._layers[0].device.type == "cpu"
         ns = make_namespace(self._vllm_config, self.config, self._layout, self._layers[0].dtype,
                             tp_rank, tp_size, pp_rank, pp_size, self._block_native)
         # MLA: one copy for all tensor ranks (make_namespace drops the rank), written by rank 0
@@ -478,13 +483,15 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         first, last = spec.start // cs, -(-spec.end // cs)
         loaded_to = spec.start          # tokens [spec.start, loaded_to) are in the engine
         try:
-            chunks = self._cache.read(spec.req_id, first, last)
+            into = self._destination(spec) if self._reads_into else None
+            chunks = self._cache.read(spec.req_id, first, last, into)
             device = self._layers[0].device
             slots = torch.from_numpy(spec.slots).to(device)
             for i, chunk in enumerate(chunks, first):
                 a, b = max(spec.start, i * cs), min(spec.end, (i + 1) * cs)
-                self._scatter(chunk.to(device, non_blocking=True), a - i * cs, b - i * cs,
-                              slots[a - spec.start:b - spec.start])
+                if chunk is not None:       # else a tier read it into the blocks (`into`)
+                    self._scatter(chunk.to(device, non_blocking=True), a - i * cs, b - i * cs,
+                                  slots[a - spec.start:b - spec.start])
                 loaded_to = b
         except Exception:
             log.exception("lmcache_lab: loading request %s failed; its blocks are recomputed",
@@ -509,6 +516,41 @@ class LMCacheLabConnector(KVConnectorBase_V1):
             raise ValueError(f"tokens [{a}, {b}) of a block-native chunk are not whole "
                              f"{n}-token blocks")
         scatter_blocks(chunk[:, a // n:b // n], self._layers, self._layout, slots[::n] // n)
+
+    def _destination(self, spec: LoadSpec):
+        """`into(i)` for `WorkerCache.read`: block-native chunk i read straight into the engine's
+        blocks (`block_buffers`, layer by layer). Blocks of the chunk outside the load's tokens
+        (before its start: the engine's own prefix-cache hit; past its end) are read into a
+        scratch chunk and dropped: the whole value is read, or its checksum could not be checked.
+        A failed read leaves garbage in the blocks, which `_load` then reports invalid."""
+        cs, n, layers = self.config.chunk_size, self._layout.block_size, self._layout.num_layers
+        nb, record = cs // n, block_records(self._layout).record
+        dtype = self._layers[0].dtype
+        value = (("kv", _dtype_name(dtype), (layers, nb, record)),)      # codec none: {"kv": chunk}
+        row = record * self._layers[0].element_size()                       # bytes per (layer, block)
+
+        def into(i: int) -> tuple[list[memoryview], tuple]:
+            a, b = max(spec.start, i * cs), min(spec.end, (i + 1) * cs)     # tokens loaded
+            if a % n or b % n:      # vLLM's computed tokens are whole blocks: never expected
+                raise ValueError(f"tokens [{a}, {b}) are not whole {n}-token blocks")
+            wanted = range((a - i * cs) // n, (b - i * cs) // n)            # blocks of the chunk
+            ids = torch.from_numpy(spec.slots[a - spec.start:b - spec.start:n] // n)
+            mine = block_buffers(self._layers, self._layout, ids) if len(ids) else []
+            spans = len(mine) // (layers * len(ids)) if len(ids) else 0
+            if len(wanted) < nb and self._scratch is None:
+                self._scratch = memoryview(torch.zeros(layers * nb * row, dtype=torch.uint8).numpy())
+            out, k = [], 0
+            for layer in range(layers):
+                for j in range(nb):
+                    if j in wanted:
+                        out += mine[k:k + spans]
+                        k += spans
+                    else:
+                        r = (layer * nb + j) * row
+                        out.append(self._scratch[r:r + row])
+            return out, value
+
+        return into
 
     def _gather(self, slots: torch.Tensor) -> torch.Tensor:
         """A fresh chunk of the tokens at `slots` (one chunk, starting at a block boundary)."""

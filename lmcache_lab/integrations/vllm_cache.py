@@ -165,16 +165,17 @@ class WorkerCache:
         if self.writer is not None:
             self.writer.submit(0, lambda: self.engine.touch(keys, self.slow))
 
-    def read(self, req_id: str, first: int, last: int) -> list[torch.Tensor]:
+    def read(self, req_id: str, first: int, last: int, into=None) -> list[torch.Tensor | None]:
         """Chunks [first, last) of the request, stopping at the first unreadable one (counted as a
-        load failure); releases the request's pins."""
+        load failure); releases the request's pins. `into(i)`: where a tier may read chunk i
+        straight into place (`CacheEngine.retrieve_keyed`); such a chunk's entry is None."""
         with self.lock:
             keys = self.keys.get(req_id)
         try:
             if keys is None or len(keys) < last:
                 self.engine.count(load_failures=1)
                 return []
-            chunks = self.engine.retrieve_keyed(keys[:last], first, touch_tiers=self.fast)
+            chunks = self.engine.retrieve_keyed(keys[:last], first, touch_tiers=self.fast, into=into)
             if self.writer is not None:     # the slow tiers' touch waits behind their writes
                 chain = keys[:first + len(chunks)]
                 self.writer.submit(0, lambda: self.engine.touch(chain, self.slow))

@@ -96,6 +96,23 @@ def read_fully(fh: BinaryIO, size: int) -> memoryview:
     return buffer[:got]
 
 
+def preadv_fully(fd: int, buffers: list[memoryview], offset: int) -> int:
+    """Fill `buffers` in order from `fd` at `offset` (`os.preadv` until they are full or the file
+    ends; a short read only means "call again"). Returns the bytes read."""
+    got, i, first = 0, 0, 0          # bytes read; buffers[i][first:] is the next to fill
+    while i < len(buffers):
+        n = os.preadv(fd, [buffers[i][first:], *buffers[i + 1:i + 1024]], offset + got)
+        if not n:
+            break
+        got += n
+        n += first
+        while i < len(buffers) and n >= len(buffers[i]):
+            n -= len(buffers[i])
+            i += 1
+        first = n
+    return got
+
+
 def _close_all(fds: list[int]) -> None:
     for fd in fds:
         os.close(fd)
@@ -446,6 +463,56 @@ class DiskTier(BudgetedTier):
             return None, 0
         self._adopt_found(key, st.st_size, record.parent)
         return record.tensors, st.st_size
+
+    def get_into(self, key: Key, payload: list[memoryview], layout) -> int:
+        """Read `key`'s chunk file straight into place: `payload` are writable buffers that take
+        its payload bytes in order, `layout` the tensors it must declare ((name, dtype name,
+        shape), as `chunk_check.layout_of`). Verified as `get` verifies (checksum, MAC, key) and
+        counted as `get` counts; the file must be exactly the size that layout gives. Returns the
+        bytes read, or 0 for a miss, after which the buffers hold anything. The value is not
+        decoded into a tensor of its own: one copy, from the page cache into the buffers."""
+        path = self._path(key)
+        want = sum(len(b) for b in payload)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            self._forget(key)
+            self.stats.misses += 1
+            return 0
+        except OSError as e:
+            return self._read_error(path, e)
+        try:
+            st = os.fstat(fd)
+            size, inode = st.st_size, st.st_ino
+            prefix = os.pread(fd, wire.PREFIX_SIZE, 0)
+            base = wire.head_size(prefix)
+            if size != base + want:
+                raise wire.WireError(f"{size} bytes, a value of layout {list(layout)} has {base + want}")
+            head = prefix + os.pread(fd, base - len(prefix), len(prefix))
+            if len(head) != base or preadv_fully(fd, payload, base) != want:
+                raise wire.WireError("shorter than its size when read")
+            record = wire.verify_into(head, payload, key, layout, self.mac_key)
+            os.utime(fd)
+        except wire.WireError as e:
+            log.warning("disk tier: %s is not a valid chunk (%s); removing it", path, e)
+            self.stats.corrupt += 1
+            self.stats.misses += 1
+            self._remove_damaged(key, path, inode)
+            return 0
+        except OSError as e:
+            return self._read_error(path, e)
+        finally:
+            os.close(fd)
+        self._adopt_found(key, size, record.parent)
+        self.stats.hits += 1
+        self.stats.bytes_read += size
+        return size
+
+    def _read_error(self, path: str, e: OSError) -> int:
+        log.warning("disk tier: read of %s failed: %s", path, e)
+        self.stats.errors += 1
+        self.stats.misses += 1
+        return 0
 
     def _remove_damaged(self, key: bytes, path: str, inode: int) -> None:
         """Remove a file that failed verification, unless a process replaced it meanwhile (another

@@ -2,9 +2,21 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from lmcache_lab.tiers.base import BudgetedTier, Key
+
+
+@dataclass(frozen=True)
+class InPlace:
+    """`get_chain`'s entry for a value a tier read straight into the caller's buffers (`into`)."""
+    nbytes: int
+
+
+Destination = Callable[[int], tuple[list[memoryview], Any]]
+"""into(i) -> (writable buffers that take the payload of chain entry i in order, the tensors its
+value must declare as `chunk_check.Layout`)."""
 
 
 class TieredStore:
@@ -85,13 +97,18 @@ class TieredStore:
         return values[0] if values else None
 
     def get_chain(self, keys: Sequence[Key], parent: Key | None = None, position: int = 0,
-                  step: int = 0) -> list[Any]:
+                  step: int = 0, into: Destination | None = None) -> list[Any]:
         """The values of consecutive chunks of one prefix chain (`keys[i]`'s parent is `keys[i-1]`,
         the first's is `parent`; `keys[i]` starts at token `position + i*step`), up to the first
         one no tier holds. Each tier is asked once, for every key the tiers above it lacked, so
         a remote tier gets one pipelined batch. Hits from lower tiers within the returned prefix
         are then promoted into every tier above them, parents first (past the first missing chunk
-        a value would be an orphan there)."""
+        a value would be an orphan there).
+
+        With `into`, a tier that reads values straight into memory (`get_into`: the disk tier)
+        reads chunk i into `into(i)`'s buffers, in chain order up to its first miss; such an entry
+        is `InPlace` and is not promoted (it has no tensor of its own: the page cache keeps a hot
+        file in memory)."""
         values: list[Any] = [None] * len(keys)
         source = [0] * len(keys)   # index of the tier each value came from
         missing = list(range(len(keys)))
@@ -99,13 +116,21 @@ class TieredStore:
             if not missing:
                 break
             with tier.lock:
-                got = tier.get_many([keys[i] for i in missing])
+                if into is not None and hasattr(tier, "get_into"):
+                    got = []
+                    for i in missing:
+                        nbytes = tier.get_into(keys[i], *into(i))
+                        if not nbytes:
+                            break
+                        got.append(InPlace(nbytes))
+                else:
+                    got = tier.get_many([keys[i] for i in missing])
             for i, value in zip(missing, got):
                 values[i], source[i] = value, t
             missing = [i for i in missing if values[i] is None]
         found = missing[0] if missing else len(keys)
         for u, upper in enumerate(self.tiers):
-            promote = [i for i in range(found) if source[i] > u]
+            promote = [i for i in range(found) if source[i] > u and not isinstance(values[i], InPlace)]
             if promote:
                 with upper.lock:
                     for i in promote:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmcache_lab.kernels.blocks import (MAX_SPANS, BlockRecords, block_records, gather_blocks,
+from lmcache_lab.kernels.blocks import (MAX_SPANS, BlockRecords, block_buffers, block_records, gather_blocks,
                                         gather_blocks_reference, scatter_blocks)
 from lmcache_lab.kernels.layout import AxisStrides, KVLayout
 from lmcache_lab.kernels.paged import gather
@@ -49,6 +49,31 @@ def test_block_records_move_whole_blocks_as_vllm_wrote_them(case):
     want = gather(layers, derived, block_slots(src, bs))
     got = gather(list(fresh.values()), derived, block_slots(dst, bs))
     assert torch.equal(bits(got), bits(want)), case
+
+
+@pytest.mark.parametrize("case", MATRIX, ids=str)
+def test_chunk_bytes_poured_into_block_buffers_equal_a_scatter(case):
+    """Filling `block_buffers` in order with a chunk's bytes (what a file read straight into the
+    engine does) writes exactly what `scatter_blocks` writes, and nothing else."""
+    kv, spec, layout = allocate(case)
+    first = next(iter(kv.values()))
+    vllm_write(case, kv, torch.randperm(first.shape[0] * first.shape[2],
+                                        generator=torch.Generator().manual_seed(1)))
+    derived = derive(case, kv, spec, layout)
+    chunk = gather_blocks(list(kv.values()), derived, torch.tensor([2, 0]))
+    dst = torch.tensor([1, 2])
+    scattered, _, _ = allocate(case)
+    scatter_blocks(chunk, list(scattered.values()), derived, dst)
+    poured, _, _ = allocate(case)
+    views = block_buffers(list(poured.values()), derived, dst)
+    data = memoryview(chunk.contiguous().view(-1).view(torch.uint8).numpy())
+    assert sum(len(v) for v in views) == len(data)
+    offset = 0
+    for v in views:
+        v[:] = data[offset:offset + len(v)]
+        offset += len(v)
+    for a, b in zip(scattered.values(), poured.values()):
+        assert torch.equal(bits(a), bits(b)), case
 
 
 @pytest.mark.parametrize("stacked", [False, True], ids=["layer-tensors", "one-buffer"])
