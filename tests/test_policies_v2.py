@@ -1,4 +1,5 @@
-"""Hit density (`lhd`) and the learned reuse predictor (`learned`): known answers of their parts,
+"""Hit density (`lhd`), the learned reuse predictor (`learned`) and the learned reuse rate
+(`reuse_rate`): known answers of their parts,
 what they learn from hand-made traces, and a loop where LRU gets nothing. (Determinism, tail-first
 and pins under random operations: the parametrized tests of test_policies*.py cover them.)"""
 import math
@@ -12,6 +13,7 @@ from lmcache_lab.experiments.trace import TraceRequest
 from lmcache_lab.policies import make_policy
 from lmcache_lab.policies.learned import STATIC, fit_logistic
 from lmcache_lab.policies.lhd import chunk_class, hit_density
+from lmcache_lab.policies.reuse_rate import TAIL
 from lmcache_lab.policies.sampled import ChunkInfo
 
 BLOCK = 512 * LLAMA3_8B.kv_bytes_per_token
@@ -90,8 +92,8 @@ def test_a_loop_longer_than_the_cache_gets_hits_where_lru_gets_none(name):
     hits; both learn that old chunks are the ones about to be used."""
     loop = [[k] for k in range(20)] * 30
     assert run(loop, make_policy("lru", 512), 10) == 0
-    assert run(loop, make_policy(name, 512, reconfigure_every=5) if name == "lhd"
-               else make_policy(name, 512, retrain_every=50, window=500), 10) > 0
+    params = {"lhd": dict(reconfigure_every=5), "learned": dict(retrain_every=50, window=500)}.get(name, {})
+    assert run(loop, make_policy(name, 512, **params), 10) > 0
 
 
 def test_bad_parameters_are_named():
@@ -119,3 +121,69 @@ def test_learned_model_is_trusted_only_when_it_beats_recency():
     never = make_policy("learned", 512, retrain_every=50, window=500, margin=1.0)
     assert run(chains, never, 20) == run(chains, make_policy("lru", 512), 20)
     assert never.fits > 0 and not never.trusted
+
+
+def test_reuse_rate_counts_classes_by_hand():
+    """Request 1 stores a -> b: a enters class 0 (no use yet), b the request tail. Request 2 uses
+    a alone (age 1): a use of class 0, then a enters TAIL (it ends request 2). Each class starts
+    at (1 use, 2 entries)."""
+    p = make_policy("reuse_rate", 1)
+    p.on_insert("a", 1, None, 0)
+    p.on_insert("b", 1, "a", 1)
+    p.on_access(["a", "b"])
+    assert p.stats == {0: [1.0, 3.0], TAIL: [1.0, 3.0]}
+    p.on_access(["a"])
+    assert p.info["a"].uses == 1 and p.info["a"].cls == TAIL
+    assert p.stats == {0: [2.0, 3.0], TAIL: [1.0, 4.0]}
+    assert p.reuse(0) == pytest.approx(2 / 3) and p.reuse(TAIL) == pytest.approx(1 / 4)
+    assert p.reuse(3) == 0.5                       # no evidence yet
+
+
+def test_reuse_rate_store_then_touch_is_one_entry_and_a_restore_is_a_use():
+    """The touch of the hit prefix and the touch of the whole chain after the store are one
+    request: a chunk that was the tail of the first touch moves to its class, not counted twice.
+    A key stored again after its eviction credits the class it was evicted from and keeps its
+    uses."""
+    p = make_policy("reuse_rate", 1)
+    p.on_insert("a", 1, None, 0)
+    p.on_access(["a"])                             # request 1 stores a (tail)
+    p.on_access(["a"])                             # request 2: hit prefix [a] (a: use, tail)
+    p.on_insert("b", 1, "a", 1)
+    p.on_access(["a", "b"])                        # same request: a no longer the tail
+    assert p.now == 2
+    # TAIL: one use (a, request 2) and three entries (a in requests 1 and 2, b); a's entry in
+    # request 2 moved to class 1 when the second touch showed it was no longer the tail
+    assert p.stats == {TAIL: [2.0, 4.0], 1: [1.0, 3.0]}
+    assert p.pop_victim() == "b"
+    p.on_remove("a")
+    assert set(p._ghost) == {"a", "b"}
+    p.on_insert("a", 1, None, 0)                   # request 3 stores a again
+    assert p.info["a"].uses == 2 and p.stats[1][0] == 2.0
+
+
+def test_reuse_rate_evicts_the_lowest_rate_over_age():
+    """Two leaves scored reuse(class) / (age + 1): a request tail of age 0 whose class is rarely
+    reused goes before an older body chunk of class 0 (rate 1/2, age 1); once tails are
+    reused the older body chunk goes."""
+    p = make_policy("reuse_rate", 1)
+    p.stats = {0: [1.0, 2.0], TAIL: [1.0, 100.0]}
+    p.on_insert("x", 1, None, 0)                   # stored at now 0
+    p.on_access(["x"])
+    p.on_insert("y", 1, None, 0)
+    p.on_access(["y"])
+    x, y = p.info["x"], p.info["y"]
+    assert x.cls == TAIL and y.cls == TAIL
+    x.cls = 0                                      # x: a body chunk of class 0, older than y
+    assert p._score(x, p.now) == pytest.approx(p.reuse(0) / (p.now - x.last + 1))
+    assert p.victim() == "y"
+    p.stats[TAIL] = [50.0, 51.0]                   # once tails are reused, the old body chunk goes
+    assert p.victim() == "x"
+
+
+def test_reuse_rate_learns_that_request_tails_are_not_reused():
+    p = make_policy("reuse_rate", 512)
+    run(sessions(300), p, capacity_blocks=60)
+    # 600 tails, none used again (the two left are the prior); a body chunk is used by the other
+    # request of its session when that comes before the chunk left the cache and the ghost list
+    assert p.stats[TAIL] == [3.0, 602.0]
+    assert p.reuse(TAIL) < 0.01 and p.reuse(0) > 0.05

@@ -1,7 +1,7 @@
 """Eviction policies, selected by name from config (`policy: {name: lfu, ...params}`).
 
-Online: lru, lfu, s3fifo, sieve, arc, cost_aware, hyperbolic, lhd, learned. Offline (trace replay only, they read the
-future): belady, belady_prefix.
+Online: lru, lfu, s3fifo, sieve, arc, cost_aware, hyperbolic, lhd, learned, reuse_rate. Offline (trace replay
+only, they read the future): belady, belady_prefix.
 """
 from lmcache_lab.policies.arc import ARCPolicy
 from lmcache_lab.policies.base import EvictionPolicy
@@ -12,13 +12,14 @@ from lmcache_lab.policies.lfu import LFUPolicy
 from lmcache_lab.policies.learned import LearnedPolicy
 from lmcache_lab.policies.lhd import HitDensityPolicy
 from lmcache_lab.policies.lru import LRUPolicy
+from lmcache_lab.policies.reuse_rate import ReuseRatePolicy
 from lmcache_lab.policies.s3fifo import S3FIFOPolicy
 from lmcache_lab.policies.sieve import SievePolicy
 
 POLICIES: dict[str, type[EvictionPolicy]] = {
     cls.name: cls for cls in (LRUPolicy, LFUPolicy, S3FIFOPolicy, SievePolicy, ARCPolicy,
                               CostAwarePolicy, HyperbolicPolicy, HitDensityPolicy, LearnedPolicy,
-                              BeladyPolicy, PrefixBeladyPolicy)
+                              ReuseRatePolicy, BeladyPolicy, PrefixBeladyPolicy)
 }
 OFFLINE = {name for name, cls in POLICIES.items() if cls.offline}
 
