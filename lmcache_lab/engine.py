@@ -4,8 +4,9 @@
     store(tokens, kv_chunks)  -> chunks newly stored
     retrieve(tokens)          -> the KV chunks of the leading cached prefix
 
-Partial-chunk rule: only full chunks of `chunk_size` tokens are keyed and stored, so a hit is
-always a multiple of `chunk_size`; the trailing partial chunk is always recomputed.
+Partial-chunk rule: only full chunks of `chunk_size` tokens are keyed and stored here, so a hit is
+always a multiple of `chunk_size`; the trailing partial chunk is recomputed. (The vLLM connector
+adds tail chunks of whole engine blocks under `ChunkKeyer.tail_key`, stored with `store_keyed`.)
 
 A chunk's KV is one tensor per chunk (for the kernels' layout `[2, layers, chunk_size, heads*dim]`;
 the engine does not look inside). The codec turns it into stored tensors and back.

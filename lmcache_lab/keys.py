@@ -14,8 +14,12 @@ the same bytes; an empty identity leaves the root as it is. H is sha256 by defau
 crafts prompts must not be able to find one whose key equals another tenant's chunk (vLLM moved its
 prefix-cache hash to sha256 for this reason, GHSA-rm76-4mrf-v9r8). xxh3_128 is faster but not
 collision resistant: only for a single-tenant deployment. Never Python's `hash()`, which is salted
-per process. Only full chunks get keys: a trailing partial chunk is never stored, so hits are
-always a multiple of `chunk_size`.
+per process.
+
+A prompt's tail past its last full chunk may be stored as a shorter chunk of whole engine blocks
+(the vLLM connector's `tail_blocks`): `tail_key(h_{i-1}, tail tokens)` = H(h_{i-1} || tail_tokens),
+the same rule over fewer tokens, so it too stands for every token before its end. Its input is
+shorter than a chunk's, so it equals no chunk key of any chain (short of a hash collision).
 """
 from __future__ import annotations
 
@@ -121,6 +125,13 @@ class ChunkKeyer:
             t, v = tag.encode(), value.encode()
             h = self._h(h + b"id" + struct.pack("<I", len(t)) + t + struct.pack("<I", len(v)) + v)
         return h
+
+    def tail_key(self, parent: bytes, tokens: Sequence[int] | np.ndarray) -> bytes:
+        """Key of a tail chunk: `tokens` (fewer than a chunk's) after the chain ending in `parent`
+        (the previous chunk's key, or `request_root(identity)` for a tail that starts the prompt)."""
+        if not 0 < len(tokens) < self.chunk_size:
+            raise ValueError(f"tail_key: {len(tokens)} tokens; a tail has 1..{self.chunk_size - 1}")
+        return self._h(parent + token_bytes(tokens))
 
     def keys(self, tokens: Sequence[int] | np.ndarray, max_chunks: int | None = None,
              identity: Identity = ()) -> list[bytes]:

@@ -102,7 +102,7 @@ def live(ps: list[np.ndarray], policy: str, capacity: int, path: Path) -> float:
     cache = WorkerCache(CacheEngine({"chunk_size": CS, "policy": {"name": policy},
                                      "tiers": {"cpu": {"capacity_bytes": capacity}}},
                                     namespace=Namespace(model="m")))
-    planner = Planner(CS, BS, lambda rid, p, m, s, i: cache.lookup(rid, np.asarray(p), m, s, i))
+    planner = Planner(CS, BS, lambda rid, p, m, s, i: cache.answer(rid, np.asarray(p), m, s, i)[:2])
     writer = TraceWriter(path, keyer(), {"chunk_tokens": CS, "block_size": BS,
                                          "policy": policy, "capacity_bytes": capacity})
     writer.chunk_bytes(CHUNK.nbytes)

@@ -59,7 +59,7 @@ class FakeLookup:
 
     def __call__(self, req_id, prompt, max_chunks, skip, identity=()):
         self.calls.append((req_id, len(prompt), max_chunks, skip))
-        return min(self.present, max_chunks)
+        return min(self.present, max_chunks), 0
 
 
 def test_hit_is_chunk_aligned_and_leaves_a_token_to_compute():
@@ -288,16 +288,16 @@ def test_lookup_over_the_socket_matches_the_local_answer():
     cache.serve(socket_path(engine_id, 0), b"secret")
     client = LookupClient([socket_path(engine_id, 0)], b"secret", connect_timeout_s=5)
     try:
-        assert client.lookup("r", toks.tolist(), 4, 0) == 2
+        assert client.lookup("r", toks.tolist(), 4, 0) == (2, 0)
         assert cache.pins["r"] == cache.keys["r"][:2]
-        assert client.lookup("s", list(range(500, 540)), 4, 0) == 0
+        assert client.lookup("s", list(range(500, 540)), 4, 0) == (0, 0)
         assert client.errors == 0
     finally:
         client.close()
         cache.close()
     # a worker that is gone: a counted miss, not an exception
     gone = LookupClient([socket_path(engine_id, 0)], b"secret", connect_timeout_s=0.1)
-    assert gone.lookup("r", toks.tolist(), 4, 0) == 0 and gone.errors == 1
+    assert gone.lookup("r", toks.tolist(), 4, 0) == (0, 0) and gone.errors == 1
 
 
 def test_identity_travels_over_the_socket():
@@ -309,10 +309,10 @@ def test_identity_travels_over_the_socket():
     cache.serve(socket_path("unit-identity", 0), b"k")
     client = LookupClient([socket_path("unit-identity", 0)], b"k", connect_timeout_s=5)
     try:
-        assert client.lookup("r", toks.tolist(), 4, 0) == 0                     # no salt
-        assert client.lookup("r", toks.tolist(), 4, 0, (("cache_salt", "tenant-b"),)) == 0
-        assert client.lookup("r", toks.tolist(), 4, 0, (("lora", "tenant-a"),)) == 0
-        assert client.lookup("r", toks.tolist(), 4, 0, (("cache_salt", "tenant-a"),)) == 2
+        assert client.lookup("r", toks.tolist(), 4, 0) == (0, 0)                     # no salt
+        assert client.lookup("r", toks.tolist(), 4, 0, (("cache_salt", "tenant-b"),)) == (0, 0)
+        assert client.lookup("r", toks.tolist(), 4, 0, (("lora", "tenant-a"),)) == (0, 0)
+        assert client.lookup("r", toks.tolist(), 4, 0, (("cache_salt", "tenant-a"),)) == (2, 0)
     finally:
         client.close()
         cache.close()
@@ -327,11 +327,11 @@ def test_a_stalled_worker_is_a_counted_miss_and_its_late_answer_is_dropped():
     tier = cache.engine.tiers[0]
     try:
         with tier.lock:                                   # the worker cannot answer meanwhile
-            assert client.lookup("r", toks.tolist(), 4, 0) == 0
+            assert client.lookup("r", toks.tolist(), 4, 0) == (0, 0)
         assert client.errors == 1
         # the late answer (2) went with the dropped connection; this one is fresh
-        assert client.lookup("s", list(range(500, 540)), 4, 0) == 0 and client.errors == 1
-        assert client.lookup("r", toks.tolist(), 4, 0) == 2
+        assert client.lookup("s", list(range(500, 540)), 4, 0) == (0, 0) and client.errors == 1
+        assert client.lookup("r", toks.tolist(), 4, 0) == (2, 0)
     finally:
         client.close()
         cache.close()
@@ -342,7 +342,7 @@ def test_wrong_authkey_is_refused():
     cache.serve(socket_path("unit-auth", 0), b"right")
     client = LookupClient([socket_path("unit-auth", 0)], b"wrong", connect_timeout_s=1)
     try:
-        assert client.lookup("r", list(range(16)), 1, 0) == 0 and client.errors == 1
+        assert client.lookup("r", list(range(16)), 1, 0) == (0, 0) and client.errors == 1
     finally:
         cache.close()
 

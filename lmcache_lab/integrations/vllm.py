@@ -59,8 +59,7 @@ from lmcache_lab.engine import CacheEngine
 from lmcache_lab.integrations.vllm_cache import (LookupClient, LookupServer, WorkerCache,
                                                   refuse_lookup, socket_path)
 from lmcache_lab.integrations.vllm_identity import model_fingerprint, pipeline_rank, request_identity
-from lmcache_lab.integrations.vllm_plan import (LoadSpec, Planner, StepPlan, StoreSpec,
-                                                 servable_tokens)
+from lmcache_lab.integrations.vllm_plan import LoadSpec, Planner, StepPlan, StoreSpec
 from lmcache_lab.integrations.vllm_stats import LMCacheLabPromMetrics, LMCacheLabStats, kv_events
 from lmcache_lab.integrations.vllm_support import unsupported_spec_reason
 from lmcache_lab.keys import ChunkKeyer, Namespace
@@ -137,6 +136,12 @@ def make_namespace(vllm_config: "VllmConfig", config: CacheConfig, layout: KVLay
                      extra=("mla;" if mla else "") + f"pp={pp_rank}/{pp_size};{cp}")
 
 
+def tail_chunks(config: CacheConfig, block_size: int) -> bool:
+    """Whether a prompt's whole blocks past its last full chunk are kept as a tail chunk: asked
+    for (`tail_blocks`), stored as they are (codec none) and whole blocks of a chunk."""
+    return config.tail_blocks and config.codec == "none" and config.chunk_size % block_size == 0
+
+
 def refuse_literal_secret(extra: dict) -> None:
     """vLLM logs `kv_connector_extra_config` at start-up: a store secret written there in the
     clear would land in every log. Only references to it are accepted there."""
@@ -196,7 +201,8 @@ class LMCacheLabConnector(KVConnectorBase_V1):
                                         self._authkey, timeout_s=self.config.lookup_timeout_s)
             self._planner = Planner(self.config.chunk_size, self.block_size, self._lookup,
                                     load_enabled=self.load_enabled,
-                                    store_enabled=self.store_enabled)
+                                    store_enabled=self.store_enabled,
+                                    tails=tail_chunks(self.config, self.block_size))
             self.metrics = CacheMetrics()
             if self.config.metrics.port is not None:
                 # data-parallel engines: one endpoint each, on consecutive ports (0: any free one)
@@ -227,7 +233,7 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         atexit.register(writer.close)      # the queued lines land even without a shutdown() call
         return writer
 
-    def _lookup(self, req_id: str, prompt, max_chunks: int, skip: int, identity) -> int:
+    def _lookup(self, req_id: str, prompt, max_chunks: int, skip: int, identity) -> tuple[int, int]:
         self.metrics.lookups.labels("worker").inc()
         errors = self._client.errors
         hit = self._client.lookup(req_id, prompt, max_chunks, skip, identity)
@@ -247,8 +253,7 @@ class LMCacheLabConnector(KVConnectorBase_V1):
                 if request.request_id not in self._refused_ids:
                     self._refused_ids.add(request.request_id)
                     self.metrics.refused_requests.inc()
-                    lookup = servable_tokens(request.num_prompt_tokens, self._planner.chunk_size,
-                                             self._planner.block_size)
+                    lookup = self._planner.servable(request.num_prompt_tokens)
                     self.metrics.record_lookup(lookup, 0)
                     self.metrics.record_misses({("refused", ""): lookup})
                 return 0, False
@@ -263,7 +268,7 @@ class LMCacheLabConnector(KVConnectorBase_V1):
                 t.miss = self._client.last_miss
             if not t.counted:
                 t.counted = True
-                lookup = servable_tokens(t.prompt_len, planner.chunk_size, planner.block_size)
+                lookup = planner.servable(t.prompt_len)
                 self.metrics.record_lookup(lookup, min(num_computed_tokens, lookup))
             return ext, False
         except Exception:
@@ -332,7 +337,7 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         self._refused_ids.discard(request.request_id)
         t = self._planner.requests.get(request.request_id)
         if t is not None and t.counted:
-            lookup = servable_tokens(t.prompt_len, self._planner.chunk_size, self._planner.block_size)
+            lookup = self._planner.servable(t.prompt_len)
             self.metrics.record_misses(request_misses(lookup, t.matched_from, t.hit_tokens,
                                                       t.accepted, t.miss))
         if self.trace is not None and request.prompt_token_ids is not None:
@@ -387,8 +392,9 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         # MLA: one copy for all tensor ranks (make_namespace drops the rank), written by rank 0
         self._stores_here = self._layout.v is not None or tp_rank == 0
         # events once per chunk: tensor rank 0 speaks for the ranks' shards
+        tail = self._layout.block_size if tail_chunks(self.config, self._layout.block_size) else 0
         self._cache = WorkerCache(CacheEngine(self.config, namespace=ns),
-                                  events=self._events_enabled and tp_rank == 0)
+                                  events=self._events_enabled and tp_rank == 0, tail_block=tail)
         self._cache.serve(path, self._authkey)
         atexit.register(self._cache.close)
         log.info("lmcache_lab: %s layout (%s chunks), %d layers, chunk_size %d, tiers %s, "
@@ -524,13 +530,15 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         scratch chunk and dropped: the whole value is read, or its checksum could not be checked.
         A failed read leaves garbage in the blocks, which `_load` then reports invalid."""
         cs, n, layers = self.config.chunk_size, self._layout.block_size, self._layout.num_layers
-        nb, record = cs // n, block_records(self._layout).record
-        dtype = self._layers[0].dtype
-        value = (("kv", _dtype_name(dtype), (layers, nb, record)),)      # codec none: {"kv": chunk}
+        record = block_records(self._layout).record
+        dtype = _dtype_name(self._layers[0].dtype)
         row = record * self._layers[0].element_size()                       # bytes per (layer, block)
+        tail = self._cache.tail_at(spec.req_id)                             # (chunk, blocks) or None
 
         def into(i: int) -> tuple[list[memoryview], tuple]:
-            a, b = max(spec.start, i * cs), min(spec.end, (i + 1) * cs)     # tokens loaded
+            nb = tail[1] if tail is not None and tail[0] == i else cs // n   # blocks stored
+            value = (("kv", dtype, (layers, nb, record)),)                 # codec none: {"kv": chunk}
+            a, b = max(spec.start, i * cs), min(spec.end, i * cs + nb * n)  # tokens loaded
             if a % n or b % n:      # vLLM's computed tokens are whole blocks: never expected
                 raise ValueError(f"tokens [{a}, {b}) are not whole {n}-token blocks")
             wanted = range((a - i * cs) // n, (b - i * cs) // n)            # blocks of the chunk
@@ -575,6 +583,9 @@ class LMCacheLabConnector(KVConnectorBase_V1):
             self._store(spec)
 
     def _store(self, spec: StoreSpec) -> None:
+        if spec.tail_blocks:
+            self._store_tail(spec)
+            return
         cs = self.config.chunk_size
         keys, missing = self._cache.missing(spec.req_id, spec.first_chunk, spec.last_chunk)
         if not missing:
@@ -590,6 +601,23 @@ class LMCacheLabConnector(KVConnectorBase_V1):
                 log.exception("lmcache_lab: storing chunk %d of request %s failed; it will be "
                               "a miss", i, spec.req_id)
                 self._cache.count(store_failures=1)
+        self._cache.deltas.observe_store(time.perf_counter() - t0)
+
+    def _store_tail(self, spec: StoreSpec) -> None:
+        """The prompt's whole blocks past its last full chunk, as a tail chunk (a fresh tensor of
+        `tail_blocks` blocks, keyed by `ChunkKeyer.tail_key`)."""
+        t0 = time.perf_counter()
+        try:
+            chain = self._cache.tail_chain(spec.req_id, spec.first_chunk, spec.tail_blocks)
+            if chain is None:
+                return
+            chunk = self._gather(torch.from_numpy(spec.slots).to(self._layers[0].device))
+            self._cache.write(chain, spec.first_chunk, chunk if chunk.device.type == "cpu" else chunk.cpu(),
+                              tokens=len(spec.slots))
+        except Exception:
+            log.exception("lmcache_lab: storing the tail of request %s failed; it will be a miss",
+                          spec.req_id)
+            self._cache.count(store_failures=1)
         self._cache.deltas.observe_store(time.perf_counter() - t0)
 
     def get_block_ids_with_load_errors(self) -> set[int]:

@@ -72,12 +72,17 @@ def socket_path(endpoint: str, rank: int) -> str:
 class WorkerCache:
     """The worker's cache: engine + per-request keys and pins + write-behind + lookup server."""
 
-    def __init__(self, engine: CacheEngine, events: bool = False):
-        """`events`: collect chunk stores and evictions for vLLM's KV events (`take_events`)."""
+    def __init__(self, engine: CacheEngine, events: bool = False, tail_block: int = 0):
+        """`events`: collect chunk stores and evictions for vLLM's KV events (`take_events`).
+        `tail_block`: the engine's block size when tail chunks (a prompt's whole blocks past its
+        last full chunk, `ChunkKeyer.tail_key`) are served and stored; 0: off."""
         self.engine = engine
+        self.tail_block = tail_block
         self.lock = threading.Lock()                # guards keys, pins and the counters below
         self.keys: dict[str, list[bytes]] = {}      # req_id -> keys of its full prompt chunks
         self.pins: dict[str, list[bytes]] = {}      # req_id -> keys pinned for its load
+        self.prompts: dict[str, tuple[bytes, np.ndarray]] = {}   # req_id -> (chain root, tokens)
+        self.tail_hits: dict[str, tuple[int, bytes, int]] = {}  # req_id -> (chunk, key, blocks)
         self.fast = [i for i, t in enumerate(engine.tiers) if isinstance(t, MemoryTier)]
         self.slow = [i for i, t in enumerate(engine.tiers) if not isinstance(t, MemoryTier)]
         self.deltas = DeltaTracker()
@@ -126,25 +131,65 @@ class WorkerCache:
                    identity: Identity = ()) -> tuple[int, Miss]:
         """`lookup`, and why the first chunk past the hit misses (`never_stored` when every
         chunk asked about is a hit)."""
-        hit, keys = self._lookup(req_id, tokens, max_chunks, skip, identity)
-        return hit, self.ghost.why(keys[hit]) if hit < min(max_chunks, len(keys)) else NEVER_STORED
+        hit, _, miss = self.answer(req_id, tokens, max_chunks, skip, identity)
+        return hit, miss
+
+    def answer(self, req_id: str, tokens: np.ndarray, max_chunks: int, skip: int,
+               identity: Identity = ()) -> tuple[int, int, Miss]:
+        """`lookup_why`, plus the blocks of a tail chunk found (and pinned) right after the hit
+        (0 without tail chunks, or when the hit stops before `skip` or reaches `max_chunks`)."""
+        hit, tail, keys = self._lookup(req_id, tokens, max_chunks, skip, identity)
+        miss = self.ghost.why(keys[hit]) if hit < min(max_chunks, len(keys)) else NEVER_STORED
+        return hit, tail, miss
 
     def _lookup(self, req_id: str, tokens: np.ndarray, max_chunks: int, skip: int,
-                identity: Identity) -> tuple[int, list[bytes]]:
+                identity: Identity) -> tuple[int, int, list[bytes]]:
         keys = self.engine.chunk_keys(tokens, identity=identity)
+        root = self.engine.keyer.request_root(identity) if self.tail_block else b""
         with self.lock:
             self.keys[req_id] = keys
+            if self.tail_block:
+                self.prompts[req_id] = (root, tokens)
+            self.tail_hits.pop(req_id, None)
             old = self.pins.pop(req_id, None)
         if old:
             self.engine.unpin(old)
         hit = self.engine.lookup_and_pin(keys[:max_chunks], skip) if max_chunks > 0 else 0
-        if hit > skip:
+        pinned = keys[skip:hit]
+        tail = 0
+        if self.tail_block and skip <= hit < max_chunks:
+            tail, key = self._find_tail(hit, keys[hit - 1] if hit else root, tokens)
+            if tail:
+                pinned = pinned + [key]
+                with self.lock:
+                    self.tail_hits[req_id] = (hit, key, tail)
+        if pinned:
             with self.lock:
                 old = self.pins.pop(req_id, None)
-                self.pins[req_id] = keys[skip:hit]
+                self.pins[req_id] = pinned
             if old:
                 self.engine.unpin(old)
-        return hit, keys
+        return hit, tail, keys
+
+    def _find_tail(self, chunk: int, parent: bytes, tokens: np.ndarray) -> tuple[int, bytes]:
+        """(blocks, key) of the longest tail chunk present at chunk index `chunk` that ends
+        before the prompt's last token, pinned; (0, b"") if none. Longest first: a tail is a
+        prompt's whole blocks, so a longer one holds more of a repeated history."""
+        bs, cs = self.tail_block, self.engine.chunk_size
+        start = chunk * cs
+        for m in range(min(cs // bs - 1, (len(tokens) - 1 - start) // bs), 0, -1):
+            key = self.engine.keyer.tail_key(parent, tokens[start:start + m * bs])
+            self.engine.pin_keys([key])            # pinned before counted, as lookup_and_pin
+            if self.engine.store_.contains(key):
+                self.engine.count(hit_tokens=m * bs)
+                return m, key
+            self.engine.unpin([key])
+        return 0, b""
+    def tail_at(self, req_id: str) -> tuple[int, int] | None:
+        """(chunk index, blocks) of the tail chunk the request's lookup found, if any."""
+        with self.lock:
+            tail = self.tail_hits.get(req_id)
+        return None if tail is None else (tail[0], tail[2])
 
     def release(self, req_id: str) -> None:
         """Drop the request's pins (its hit was declined, or its load ran)."""
@@ -158,6 +203,8 @@ class WorkerCache:
         writes), then drop its keys and pins."""
         with self.lock:
             keys = self.keys.pop(req_id, None)
+            self.prompts.pop(req_id, None)
+            self.tail_hits.pop(req_id, None)
         self.release(req_id)
         if not keys:
             return
@@ -171,7 +218,10 @@ class WorkerCache:
         straight into place (`CacheEngine.retrieve_keyed`); such a chunk's entry is None."""
         with self.lock:
             keys = self.keys.get(req_id)
+            tail = self.tail_hits.get(req_id)
         try:
+            if keys is not None and tail is not None and tail[0] == last - 1:
+                keys = keys[:last - 1] + [tail[1]]           # the load ends in the tail chunk
             if keys is None or len(keys) < last:
                 self.engine.count(load_failures=1)
                 return []
@@ -196,18 +246,37 @@ class WorkerCache:
         return keys, [i for i in range(first, min(last, len(keys)))
                       if not store.contains(keys[i], tiers)]
 
-    def write(self, keys: list[bytes], index: int, chunk: torch.Tensor) -> None:
-        """Store a fresh chunk tensor as chunk `index` of the chain `keys`: memory tiers now, slow
-        tiers behind the step if the write-behind budget has room (else skipped, counted)."""
+    def tail_chain(self, req_id: str, chunk: int, blocks: int) -> list[bytes] | None:
+        """The chain to `write` the request's tail chunk under (its full chunks' keys before
+        `chunk`, then the key of `blocks` whole blocks at `chunk`), or None when it is present
+        (asked of the memory tiers only, as `missing` asks) or the request is unknown."""
+        with self.lock:
+            keys, prompt = self.keys.get(req_id), self.prompts.get(req_id)
+        if keys is None or prompt is None or len(keys) < chunk:
+            return None
+        root, tokens = prompt
+        start = chunk * self.engine.chunk_size
+        key = self.engine.keyer.tail_key(keys[chunk - 1] if chunk else root,
+                                         tokens[start:start + blocks * self.tail_block])
+        store = self.engine.store_
+        if store.contains(key, store.select(self.fast) if self.fast else None):
+            return None
+        return keys[:chunk] + [key]
+
+    def write(self, keys: list[bytes], index: int, chunk: torch.Tensor, tokens: int | None = None) -> None:
+        """Store a fresh chunk tensor as chunk `index` of the chain `keys` (`tokens`: its length,
+        when it is a tail chunk): memory tiers now, slow tiers behind the step if the
+        write-behind budget has room (else skipped, counted)."""
         parent = keys[index - 1] if index else None
+        tokens = tokens or self.engine.chunk_size
         if self.fast and self.engine.store_keyed(keys, [chunk], index, tiers=self.fast, touch=False):
-            self._stored(keys[index], parent, self.fast)
+            self._stored(keys[index], parent, self.fast, tokens)
         if self.writer is not None:
             chain = keys[:index + 1]
 
             def store_slow():
                 if self.engine.store_keyed(chain, [chunk], index, tiers=self.slow, touch=False):
-                    self._stored(chain[index], parent, self.slow)
+                    self._stored(chain[index], parent, self.slow, tokens)
 
             queued = self.writer.submit(payload_nbytes(chunk), store_slow)
             if queued:
@@ -215,9 +284,8 @@ class WorkerCache:
             else:
                 self.ghost.record([keys[index]], "skipped_store")
 
-    def _stored(self, key: bytes, parent: bytes | None, tiers: list[int]) -> None:
-        size = self.engine.chunk_size
-        self._event(*(("stored", self.engine.tiers[i].name, key, parent, size) for i in tiers))
+    def _stored(self, key: bytes, parent: bytes | None, tiers: list[int], tokens: int) -> None:
+        self._event(*(("stored", self.engine.tiers[i].name, key, parent, tokens) for i in tiers))
 
     def flush(self) -> None:
         """Wait until every chunk handed to `write` is in every slow tier (or skipped)."""
@@ -246,18 +314,18 @@ class WorkerCache:
 
     def serve(self, path: str, authkey: bytes) -> None:
         """Answer the scheduler's lookups on a unix socket at `path`."""
-        self._server = LookupServer(path, authkey, self.lookup_why)
+        self._server = LookupServer(path, authkey, self.answer)
 
 
 def refuse_lookup(req_id: str, tokens: np.ndarray, max_chunks: int, skip: int,
-                  identity: Identity = ()) -> tuple[int, Miss]:
+                  identity: Identity = ()) -> tuple[int, int, Miss]:
     """The answer of a worker whose KV cache lmcache_lab refused: nothing is cached, at once."""
-    return 0, ("refused", "")
+    return 0, 0, ("refused", "")
 
 
 class LookupServer:
     """Answers `LookupClient`s on a unix socket with `answer(req_id, tokens, max_chunks, skip,
-    identity)` -> (hit chunks, miss reason) (a daemon thread per connection). A failing answer
+    identity)` -> (hit chunks, tail blocks, miss reason) (a daemon thread per connection). A failing answer
     is sent back as an error, which the scheduler counts as a miss."""
 
     def __init__(self, path: str, authkey: bytes, answer):
@@ -293,9 +361,9 @@ class LookupServer:
                     if h["op"] == "lookup":
                         tokens = np.frombuffer(body, dtype="<u4")
                         identity = tuple((str(t), str(v)) for t, v in h.get("id", ()))
-                        hit, miss = self.answer(str(h["req"]), tokens, int(h["max"]),
-                                                int(h["skip"]), identity)
-                        reply = {"hit": hit, "miss": list(miss)}
+                        hit, tail, miss = self.answer(str(h["req"]), tokens, int(h["max"]),
+                                                      int(h["skip"]), identity)
+                        reply = {"hit": hit, "tail": tail, "miss": list(miss)}
                     else:
                         raise ValueError(f"unknown op {h['op']!r}")
                 except Exception as e:  # answered as an error: the scheduler counts a miss
@@ -346,12 +414,14 @@ class LookupClient:
         return self._conns[i]
 
     def lookup(self, req_id: str, prompt: Sequence[int], max_chunks: int, skip: int,
-               identity: Identity = ()) -> int:
-        """Cached prefix in chunks, the minimum over ranks (each rank holds its own shard)."""
+               identity: Identity = ()) -> tuple[int, int]:
+        """(cached prefix in chunks, blocks of a tail chunk after it): the minimum over ranks
+        (each rank holds its own shard); a tail counts only where every rank's chunks end at
+        the same place (a rank with more full chunks would read another value there)."""
         tokens = np.asarray(prompt, dtype="<u4").tobytes()
         msg = json.dumps({"op": "lookup", "req": req_id, "max": max_chunks, "skip": skip,
                           "id": [list(p) for p in identity]}).encode() + b"\0" + tokens
-        hit, self.last_miss = None, NEVER_STORED
+        hit, self.last_miss, answers = None, NEVER_STORED, []
         for i in range(len(self.paths)):
             try:
                 conn = self._conn(i)
@@ -361,22 +431,26 @@ class LookupClient:
                 reply = json.loads(conn.recv_bytes())
                 if "error" in reply:
                     raise RuntimeError(reply["error"])
-                n = int(reply["hit"])
+                n, tail = int(reply["hit"]), int(reply.get("tail", 0))
                 miss = tuple(reply.get("miss") or NEVER_STORED)
             except TimeoutError as e:
                 log.warning("lmcache_lab: lookup on rank %d: %s; counted as a miss", i, e)
                 self.errors += 1
                 self._drop(i)
-                n, miss = 0, ("load_failed", "")
+                n, tail, miss = 0, 0, ("load_failed", "")
             except Exception:
                 log.exception("lmcache_lab: lookup on rank %d failed; counted as a miss", i)
                 self.errors += 1
                 self._drop(i)
-                n, miss = 0, ("load_failed", "")
+                n, tail, miss = 0, 0, ("load_failed", "")
             if hit is None or n < hit:
                 self.last_miss = miss
             hit = n if hit is None else min(hit, n)
-        return hit or 0
+            answers.append((n, tail))
+        if not answers:
+            return 0, 0
+        same = len({n for n, _ in answers}) == 1
+        return hit, min(t for _, t in answers) if same else 0
 
     def _drop(self, i: int) -> None:
         conn, self._conns[i] = self._conns[i], None

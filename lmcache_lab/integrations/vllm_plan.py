@@ -14,7 +14,9 @@ Invariants:
     worker has loaded them. It is a whole number of chunks, except that the prompt's last full
     chunk, when it ends the prompt, is served up to the last whole block before the prompt's
     last token (`servable_tokens`): a repeated prompt hits as far as the engine's own prefix
-    cache would;
+    cache would. With `tails`, the chunk after the full ones may be a tail chunk of whole
+    blocks (a stored prompt's blocks past its last full chunk): a hit then ends at any block
+    boundary, as the engine's own prefix cache does;
   * pins belong to the request inside the cache (worker side); they are dropped after its load,
     when it is looked up again, when the scheduler declines the hit, or when it finishes;
   * vLLM asks again for a waiting request it could not schedule (every step until it can): a
@@ -29,7 +31,9 @@ Invariants:
     cannot be planned is sent as `LoadSpec.failed`, whose blocks the worker reports invalid so
     vLLM recomputes them, and a store that cannot be planned is skipped (both logged, counted);
   * each full prompt chunk is planned for storing once, in the step that completes it (chunked
-    prefill completes a long prompt's chunks over several steps);
+    prefill completes a long prompt's chunks over several steps); with `tails`, the prompt's
+    whole blocks past its last full chunk are planned once, as a tail chunk, in the step that
+    completes the prompt;
   * slot mappings are built with numpy, never with a Python loop over tokens.
 """
 from __future__ import annotations
@@ -52,9 +56,12 @@ def slot_mapping(block_ids: np.ndarray, block_size: int, start: int, end: int) -
     return block_ids[tok // block_size] * block_size + tok % block_size          # [end - start]
 
 
-def servable_tokens(prompt_len: int, chunk_size: int, block_size: int) -> int:
+def servable_tokens(prompt_len: int, chunk_size: int, block_size: int, tails: bool = False) -> int:
     """Most prompt tokens a hit may cover: the full chunks, the last of them cut to whole blocks
-    when it would leave no prompt token to compute."""
+    when it would leave no prompt token to compute; with tail chunks, every whole block before
+    the prompt's last token."""
+    if tails:
+        return max(0, prompt_len - 1) // block_size * block_size
     n = prompt_len // chunk_size
     if n * chunk_size <= prompt_len - 1:
         return n * chunk_size
@@ -76,11 +83,14 @@ class LoadSpec:
 
 @dataclass
 class StoreSpec:
-    """Store full chunks [first_chunk, last_chunk) of the request; `slots` cover their tokens."""
+    """Store full chunks [first_chunk, last_chunk) of the request; `slots` cover their tokens.
+    With `tail_blocks` > 0 it is the prompt's tail instead: that many whole blocks of chunk
+    `first_chunk` (== last_chunk), `slots` covering their tokens."""
     req_id: str
     first_chunk: int
     last_chunk: int
-    slots: np.ndarray       # int64 [(last_chunk - first_chunk) * chunk_size]
+    slots: np.ndarray       # int64 [(last_chunk - first_chunk) * chunk_size | tail_blocks * bs]
+    tail_blocks: int = 0
 
 
 @dataclass
@@ -96,12 +106,15 @@ class RequestTracker:
     req_id: str
     prompt_len: int
     num_chunks: int                   # full prompt chunks
+    tail_len: int = 0                 # whole blocks past them to store as a tail chunk (tails)
     hit_chunks: int = 0               # leading chunks the lookup found (and the worker pinned)
+    hit_tail: int = 0                 # blocks of the tail chunk found after them (pinned too)
     hit_tokens: int = 0               # what they serve (`servable_tokens` caps the last one)
     matched_from: int = 0             # num_computed vLLM passed with the lookup: loads start here
     load: tuple[int, int] | None = None                 # token range to load, once allocated
     block_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     stored_chunks: int = 0            # chunks [0, stored_chunks) are present or planned
+    tail_planned: bool = False        # the tail chunk's store is planned (or there is none)
     counted: bool = False             # lookup metrics recorded once per request
     pinned: bool = False              # the worker holds this request's hit pinned (not yet allocated)
     accepted: int = 0                 # external tokens vLLM last accepted to load
@@ -109,13 +122,14 @@ class RequestTracker:
 
     @property
     def done(self) -> bool:
-        return self.stored_chunks >= self.num_chunks and self.load is None
+        return self.stored_chunks >= self.num_chunks and self.tail_planned and self.load is None
 
 
-Lookup = Callable[[str, Sequence[int], int, int, Sequence[tuple[str, str]]], int]
-"""lookup(req_id, prompt, max_chunks, skip_chunks, identity) -> chunks present among the first
-max_chunks, keyed under the request's identity; the cache pins those beyond skip_chunks for this
-request before counting them."""
+Lookup = Callable[[str, Sequence[int], int, int, Sequence[tuple[str, str]]], tuple[int, int]]
+"""lookup(req_id, prompt, max_chunks, skip_chunks, identity) -> (chunks present among the first
+max_chunks, blocks of a tail chunk present right after them), keyed under the request's
+identity; the cache pins those beyond skip_chunks (and the tail) for this request before
+counting them."""
 
 
 class Planner:
@@ -123,9 +137,11 @@ class Planner:
     request; the planner owns token ranges, block ids and what to tell the worker each step."""
 
     def __init__(self, chunk_size: int, block_size: int, lookup: Lookup,
-                 load_enabled: bool = True, store_enabled: bool = True):
+                 load_enabled: bool = True, store_enabled: bool = True, tails: bool = False):
         assert chunk_size > 0 and block_size > 0
+        assert not tails or chunk_size % block_size == 0, "tail chunks are whole blocks of a chunk"
         self.chunk_size, self.block_size = chunk_size, block_size
+        self.tails = tails
         self._lookup = lookup
         self.load_enabled, self.store_enabled = load_enabled, store_enabled
         self.requests: dict[str, RequestTracker] = {}
@@ -144,16 +160,28 @@ class Planner:
             self.reused_lookups += 1
         else:
             if t is None:
-                t = self.requests[req_id] = RequestTracker(req_id, len(prompt), len(prompt) // cs)
+                t = self.requests[req_id] = self._track(req_id, len(prompt))
             t.load = None
             t.matched_from = num_computed
-            servable = servable_tokens(t.prompt_len, cs, self.block_size)
+            servable = self.servable(t.prompt_len)
             wanted = -(-servable // cs) if self.load_enabled else 0
             # Always ask (also with nothing to load): the cache keys the prompt for later stores.
-            t.hit_chunks = self._lookup(req_id, prompt, wanted, num_computed // cs, identity)
-            t.hit_tokens = min(t.hit_chunks * cs, servable)
-            t.pinned = t.hit_chunks > num_computed // cs
+            t.hit_chunks, t.hit_tail = self._lookup(req_id, prompt, wanted, num_computed // cs,
+                                                    identity)
+            if not self.tails:
+                t.hit_tail = 0
+            t.hit_tokens = min(t.hit_chunks * cs + t.hit_tail * self.block_size, servable)
+            t.pinned = t.hit_chunks > num_computed // cs or t.hit_tail > 0
         return max(0, t.hit_tokens - num_computed), t.hit_tokens
+
+    def servable(self, prompt_len: int) -> int:
+        return servable_tokens(prompt_len, self.chunk_size, self.block_size, self.tails)
+
+    def _track(self, req_id: str, prompt_len: int) -> RequestTracker:
+        cs = self.chunk_size
+        n = prompt_len // cs
+        tail = (prompt_len - n * cs) // self.block_size if self.tails and self.store_enabled else 0
+        return RequestTracker(req_id, prompt_len, n, tail_len=tail, tail_planned=tail == 0)
 
     # ---- allocation (update_state_after_alloc) --------------------------------------------------
     def allocated(self, req_id: str, num_external: int) -> None:
@@ -231,6 +259,8 @@ class Planner:
             # vLLM rolled the request back (a failed load, or preemption): the chunks from here
             # on are computed again, so plan them again (present ones are skipped by the worker)
             t.stored_chunks = num_computed // cs
+        if num_computed < t.prompt_len and t.tail_len:
+            t.tail_planned = False                # (again) once the prompt is computed
         # chunks below the hit are in the cache already; so is anything this step loads
         t.stored_chunks = max(t.stored_chunks, min(t.hit_chunks, num_computed // cs))
         if t.load is not None:
@@ -248,6 +278,13 @@ class Planner:
             plan.stores.append(StoreSpec(t.req_id, c0, done,
                                          slot_mapping(t.block_ids, self.block_size, c0 * cs, done * cs)))
             t.stored_chunks = done
+        if not t.tail_planned and num_computed + scheduled >= t.prompt_len:
+            n, a = t.num_chunks, t.num_chunks * cs
+            b = a + t.tail_len * self.block_size
+            if not (t.hit_chunks == n and t.hit_tail >= t.tail_len):   # else it was a hit
+                plan.stores.append(StoreSpec(t.req_id, n, n, slot_mapping(t.block_ids, self.block_size, a, b),
+                                             tail_blocks=t.tail_len))
+            t.tail_planned = True
 
     # ---- end of a request (request_finished) ----------------------------------------------------
     def finished(self, req_id: str) -> None:

@@ -120,7 +120,8 @@ def test_after_reset_num_cached_tokens_is_the_chunk_aligned_prefix(engines):
     op1, op2 = hits(256)
     assert cached(run, 0) == [0]
     assert cached(run, 1) == op1 == [256, 0, 0]
-    assert cached(run, 2) == op2 == [512, 512, 384, 0]    # exact: 2nd chunk up to its 1st block
+    # long: 2 chunks + its 1-block tail chunk; exact: 2nd chunk up to its 1st block
+    assert cached(run, 2) == op2 == [640, 512, 384, 0]
 
 
 def test_metrics_endpoint_counts_hits_and_bytes(engines):
@@ -129,16 +130,18 @@ def test_metrics_endpoint_counts_hits_and_bytes(engines):
     assert m["lmcache_lab_requests_total"] == 8
     assert m["lmcache_lab_engine_prefix_hit_tokens_total"] == 0     # APC reset before each
     assert m["lmcache_lab_hit_tokens_total"] == sum(op1) + sum(op2)
-    assert m["lmcache_lab_lookup_tokens_total"] == 512 + (512 + 384) + (512 + 512 + 384)
-    assert m["lmcache_lab_stored_chunks_total"] == 2 + 1 + 2        # long 2, diverge 1 new, exact 2
+    assert m["lmcache_lab_lookup_tokens_total"] == 640 + (512 + 384) + (640 + 512 + 384)
+    # long 2 + its tail (1 block), diverge 1 new, exact 2
+    assert m["lmcache_lab_stored_chunks_total"] == 2 + 1 + 1 + 2
     read = sum(chunks_read(h, 256) for h in op1 + op2)
-    assert read == 1 + 2 + 2 + 2
+    assert read == 1 + 3 + 2 + 2                                   # long's tail chunk read too
     assert m["lmcache_lab_retrieved_chunks_total"] == read
     chunk_bytes = 2 * 2 * 256 * 2 * 64 * 4                         # K+V, 2 layers, 256 tok, 2x64, fp32
-    assert m["lmcache_lab_stored_bytes_total"] == 5 * chunk_bytes
-    assert m["lmcache_lab_retrieved_bytes_total"] == chunk_bytes * read
-    assert m['lmcache_lab_tier_chunks{tier="cpu"}'] == 5
-    assert m['lmcache_lab_tier_used_bytes{tier="cpu"}'] == 5 * chunk_bytes
+    tail_bytes = chunk_bytes // 2                                  # one 128-token block
+    assert m["lmcache_lab_stored_bytes_total"] == 5 * chunk_bytes + tail_bytes
+    assert m["lmcache_lab_retrieved_bytes_total"] == chunk_bytes * (read - 1) + tail_bytes
+    assert m['lmcache_lab_tier_chunks{tier="cpu"}'] == 6
+    assert m['lmcache_lab_tier_used_bytes{tier="cpu"}'] == 5 * chunk_bytes + tail_bytes
     assert m["lmcache_lab_load_failures_total"] == 0
     assert m["lmcache_lab_load_seconds_count"] >= 1 and m["lmcache_lab_store_seconds_count"] >= 1
 
@@ -234,10 +237,10 @@ def test_openai_server_with_the_connector(tiny_model, tmp_path):
         first, second = complete(), complete()
         assert first["choices"][0]["text"] == second["choices"][0]["text"]
         details = second["usage"].get("prompt_tokens_details") or {}
-        assert details.get("cached_tokens") == 512
+        assert details.get("cached_tokens") == 640                  # 2 chunks + a 1-block tail
         m = scrape_metrics(mport)
-        assert m["lmcache_lab_hit_tokens_total"] == 512
-        assert m["lmcache_lab_stored_chunks_total"] == 2
+        assert m["lmcache_lab_hit_tokens_total"] == 640
+        assert m["lmcache_lab_stored_chunks_total"] == 3
     finally:
         server.terminate()
         try:

@@ -27,7 +27,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vllm_e2e import MODELS_DIR, chunks_read, free_port, loadable, make_prompts, run_engine
+from vllm_e2e import MODELS_DIR, free_port, loadable, make_prompts, run_engine
 
 e2e = pytest.mark.e2e          # the engine tests; the connector unit tests below start no engine
 
@@ -148,7 +148,9 @@ def test_mla_hits_are_the_chunk_aligned_prefix(mla_engines):
     op1, op2 = hits(CHUNK)
     assert cached(run, 0) == [0]
     assert cached(run, 1) == op1 == [256, 0, 0]
-    assert cached(run, 2) == op2 == [512, 512, 496, 0]    # exact: 2nd chunk up to a 16-block
+    # long, diverge, short: full chunks + a tail chunk of 16-token blocks (11, 2, 6 blocks);
+    # exact: its 2nd chunk up to the block before its last token
+    assert cached(run, 2) == op2 == [688, 544, 496, 96]
 
 
 @e2e
@@ -156,12 +158,16 @@ def test_mla_chunks_are_k_only_and_counted_in_bytes(mla_engines):
     """One latent row per token: a chunk is [1, L, 256, 576], half of what a K+V chunk would be."""
     m = mla_engines.get("conn32")["results"][3]
     op1, op2 = hits(CHUNK)
-    chunk_bytes = 1 * LAYERS * CHUNK * LATENT * 4                  # K only, fp32
-    assert m["lmcache_lab_stored_chunks_total"] == 2 + 1 + 2        # long 2, diverge 1, exact 2
-    assert m["lmcache_lab_stored_bytes_total"] == 5 * chunk_bytes
-    read = sum(chunks_read(h, CHUNK) for h in op1 + op2)
-    assert m["lmcache_lab_retrieved_bytes_total"] == chunk_bytes * read
-    assert m['lmcache_lab_tier_used_bytes{tier="cpu"}'] == 5 * chunk_bytes
+    token_bytes = 1 * LAYERS * LATENT * 4                          # K only, fp32
+    # chunks: long 2 + tail, diverge 1 + tail, exact 2, short a tail only (no full chunk)
+    assert m["lmcache_lab_stored_chunks_total"] == 2 + 1 + 1 + 1 + 2 + 1
+    stored = 2 * CHUNK + 176 + CHUNK + 32 + 2 * CHUNK + 96         # tokens; tails 11, 2, 6 blocks
+    assert m["lmcache_lab_stored_bytes_total"] == stored * token_bytes
+    # loads read whole values: op1 diverge chunk 0; op2 long 2 + tail, diverge 2 + tail,
+    # exact 2 (its 2nd served in part), short its tail
+    read = CHUNK + (2 * CHUNK + 176) + (2 * CHUNK + 32) + 2 * CHUNK + 96
+    assert m["lmcache_lab_retrieved_bytes_total"] == read * token_bytes
+    assert m['lmcache_lab_tier_used_bytes{tier="cpu"}'] == stored * token_bytes
     assert m["lmcache_lab_load_failures_total"] == 0
     assert m["lmcache_lab_store_failures_total"] == 0
 

@@ -45,7 +45,7 @@ def make_prompts(seed: int = 0) -> dict[str, list[int]]:
     ids = lambda n: rng.integers(10, 4000, n).tolist()  # noqa: E731
     long = ids(700)
     return {
-        "long": long,                       # 2 full 256-chunks hit, 188 tokens computed
+        "long": long,                       # 2 full 256-chunks + a 1-block tail hit, 60 computed
         "diverge": long[:300] + ids(250),   # shares 300 tokens (ends mid-block) -> 1 chunk hit
         "exact": ids(512),                  # 2 full chunks, the last token must be computed
         "short": ids(100),                  # shorter than one chunk: never a hit
@@ -62,9 +62,14 @@ CPU_BLOCK = 128     # vLLM's CPU_ATTN block size (the MLA tests pass CPU_MLA's 1
 
 
 def loadable(prompt_len: int, chunk: int, block: int = CPU_BLOCK) -> int:
-    """Tokens of a prompt whose chunks are all stored that the connector serves: its full
-    chunks, leaving at least one prompt token to compute (the engine needs logits to sample
-    from); a chunk ending the prompt is served up to its last whole block before that token."""
+    """Tokens of a prompt whose chunks are all stored that the connector serves, leaving at
+    least one prompt token to compute (the engine needs logits to sample from). With a chunk of
+    whole blocks the prompt's blocks past its last full chunk are stored too (a tail chunk,
+    config `tail_blocks`, on by default): every whole block before that token, as the engine's
+    own prefix cache serves. Otherwise its full chunks, a chunk ending the prompt served up to
+    its last whole block before that token."""
+    if chunk % block == 0:
+        return max(0, prompt_len - 1) // block * block
     full = prompt_len // chunk * chunk
     if full < prompt_len:
         return full

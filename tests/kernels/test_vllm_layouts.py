@@ -625,7 +625,7 @@ def test_connector_refuses_once_and_answers_lookups_with_zero(tmp_path, monkeypa
     assert conn._cache is None and conn._layout is None
     client = LookupClient([socket_path(conn._endpoint, 0)], conn._authkey, connect_timeout_s=5)
     t0 = time.monotonic()
-    assert client.lookup("r1", list(range(200)), 3, 0) == 0
+    assert client.lookup("r1", list(range(200)), 3, 0) == (0, 0)
     assert time.monotonic() - t0 < 2 and client.errors == 0
     client.close()
     conn.wait_for_save()                      # no cache: nothing stored, nothing raised
