@@ -187,3 +187,13 @@ def test_reuse_rate_learns_that_request_tails_are_not_reused():
     # request of its session when that comes before the chunk left the cache and the ghost list
     assert p.stats[TAIL] == [3.0, 602.0]
     assert p.reuse(TAIL) < 0.01 and p.reuse(0) > 0.05
+
+
+def test_default_set_is_online_and_the_rest_are_reference_baselines():
+    from lmcache_lab.policies import DEFAULT_SET, OFFLINE, POLICIES, REFERENCE
+
+    assert "lru" in DEFAULT_SET and "reuse_rate" in DEFAULT_SET
+    assert set(DEFAULT_SET) <= set(POLICIES) - OFFLINE
+    assert set(DEFAULT_SET) | set(REFERENCE) == set(POLICIES) - OFFLINE
+    assert not set(DEFAULT_SET) & set(REFERENCE)
+    assert {"lfu", "sieve", "s3fifo", "lhd", "learned"} <= set(REFERENCE)

@@ -22,6 +22,13 @@ POLICIES: dict[str, type[EvictionPolicy]] = {
                               ReuseRatePolicy, BeladyPolicy, PrefixBeladyPolicy)
 }
 OFFLINE = {name for name, cls in POLICIES.items() if cls.offline}
+# The default comparison set: the online policies recommended for a tier and run first in a sweep.
+# Each is within 1 point of LRU's chunk hit rate at 10% capacity on both Mooncake traces
+# (docs/policies.md, "Default comparison set"). The other online policies are reference baselines
+# (lfu, s3fifo, sieve: published designs that lose up to 8 points there) or research policies
+# (lhd, learned), kept and tested like the rest.
+DEFAULT_SET = ("lru", "arc", "cost_aware", "hyperbolic", "reuse_rate")
+REFERENCE = tuple(sorted(set(POLICIES) - OFFLINE - set(DEFAULT_SET)))
 
 
 def make_policy(name: str, chunk_tokens: int = 256, **params) -> EvictionPolicy:

@@ -36,7 +36,7 @@ class ReuseRatePolicy(ScoredPolicy):
     """
     name = "reuse_rate"
 
-    def __init__(self, chunk_tokens: int = 256, samples: int = 32, seed: int = 0, max_uses: int = 4,
+    def __init__(self, chunk_tokens: int = 256, samples: int = 64, seed: int = 0, max_uses: int = 4,
                  ghost_factor: float = 2.0, age_exponent: float = 1.0, **params):
         super().__init__(chunk_tokens, samples, seed, **params)
         if max_uses < 0 or ghost_factor < 0 or age_exponent <= 0:
