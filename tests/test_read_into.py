@@ -121,6 +121,15 @@ def test_a_bad_file_is_a_counted_miss_and_is_removed(tmp_path, fault):
     assert not os.path.exists(path), "a file that failed verification is removed"
 
 
+def test_buffers_that_do_not_fit_the_layout_are_the_callers_error(tmp_path):
+    t = tier(tmp_path)
+    t.put(key(1), {"kv": chunk(1)})
+    dest, views = buffers([959])
+    with pytest.raises(ValueError, match="buffers of 959 bytes"):
+        t.get_into(key(1), views, LAYOUT)
+    assert os.path.exists(t._path(key(1))) and t.stats.corrupt == 0
+
+
 def test_an_absent_file_is_a_plain_miss(tmp_path):
     t = tier(tmp_path)
     dest, views = buffers([960])
@@ -156,3 +165,55 @@ def test_reads_into_place_need_the_lossless_codec(tmp_path):
     engine = CacheEngine({"chunk_size": 16, "codec": "int8"}, tiers=[tier(tmp_path)])
     with pytest.raises(ValueError, match="codec 'none'"):
         engine.retrieve_keyed([key(0)], into=lambda i: ([], LAYOUT))
+
+
+def test_the_connector_reads_partial_and_tail_chunks_into_the_engines_blocks(tmp_path):
+    """The vLLM connector's load path with a disk tier only, on a CPU cache laid out as vLLM's
+    CPU backend lays it out: a load that starts inside a tail chunk, then one that ends inside a
+    full chunk, each read straight into the blocks (blocks outside the load into scratch). The
+    loaded blocks equal the source's, the others stay untouched, nothing is counted corrupt."""
+    from lmcache_lab.config import load_config
+    from lmcache_lab.integrations.vllm import LMCacheLabConnector
+    from lmcache_lab.integrations.vllm_cache import WorkerCache
+    from lmcache_lab.integrations.vllm_plan import LoadSpec, slot_mapping
+    from lmcache_lab.kernels.blocks import gather_blocks
+    from lmcache_lab.kernels.layout import KVLayout
+    from lmcache_lab.keys import Namespace
+
+    cs, bs, layers = 16, 4, 2
+    layout = KVLayout.vllm_cpu(layers, 16, bs, 1, 8)
+    source = [torch.randn(16, 1, bs, 16) for _ in range(layers)]       # [B, H, bs, 2*D]
+    config = load_config({"chunk_size": cs, "tiers": {"cpu": {"capacity_bytes": 0},
+                                                      "disk": {"path": str(tmp_path)}}})
+    cache = WorkerCache(CacheEngine(config, namespace=Namespace(model="m")), tail_block=bs)
+    history = np.arange(100, 128)                                      # chunk 0 + 3-block tail
+    cache.answer("a", history, 0, 0)
+    keys = cache.keys["a"]
+    cache.write(keys, 0, gather_blocks(source, layout, torch.arange(0, 4)))
+    cache.write(cache.tail_chain("a", 1, 3), 1, gather_blocks(source, layout, torch.arange(4, 7)),
+                tokens=3 * bs)
+    cache.flush()
+
+    conn = object.__new__(LMCacheLabConnector)
+    engine = [torch.zeros_like(t) for t in source]
+    conn.config, conn.block_size, conn._cache = config, bs, cache
+    conn._layers, conn._layout, conn._invalid_blocks = engine, layout, set()
+    conn._block_native = conn._reads_into = True
+    conn._scratch = None
+    blocks = np.arange(16, dtype=np.int64)                             # request "b": same ids
+
+    def load(prompt, start, end):
+        cache.answer("b", prompt, 4, start // cs)
+        conn._load(LoadSpec("b", start, end, slot_mapping(blocks, bs, start, end)))
+        return end
+
+    # 1. the tail chunk (3 blocks) loaded from its 2nd block on: its 1st block goes to scratch
+    load(np.concatenate([history, np.arange(900, 940)]), 20, 28)
+    # 2. a full chunk loaded up to its 1st block only: its last blocks go to scratch
+    load(np.concatenate([history, np.arange(900, 940)]), 0, 4)
+    assert cache.engine.tiers[0].stats.corrupt == 0 and not conn._invalid_blocks
+    for e, s in zip(engine, source):
+        assert torch.equal(e[[0, 5, 6]], s[[0, 5, 6]])                 # the loaded blocks
+        assert not e[[1, 2, 3, 4, 7]].any()                            # the others untouched
+    assert cache.counters["loaded_tokens"] == 8 + 4
+    cache.close()

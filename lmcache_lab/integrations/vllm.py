@@ -546,7 +546,8 @@ class LMCacheLabConnector(KVConnectorBase_V1):
             mine = block_buffers(self._layers, self._layout, ids) if len(ids) else []
             spans = len(mine) // (layers * len(ids)) if len(ids) else 0
             if len(wanted) < nb and self._scratch is None:
-                self._scratch = memoryview(torch.zeros(layers * nb * row, dtype=torch.uint8).numpy())
+                self._scratch = memoryview(torch.zeros(layers * (cs // n) * row,   # a whole chunk
+                                                       dtype=torch.uint8).numpy())
             out, k = [], 0
             for layer in range(layers):
                 for j in range(nb):

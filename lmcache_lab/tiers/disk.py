@@ -50,6 +50,7 @@ import torch
 from lmcache_lab import wire
 from lmcache_lab.policies import EvictionPolicy
 from lmcache_lab.tiers.base import BudgetedTier, Key, TierStats
+from lmcache_lab.tiers.chunk_check import layout_nbytes
 
 log = logging.getLogger(__name__)
 SUFFIX = ".kvc"
@@ -470,9 +471,14 @@ class DiskTier(BudgetedTier):
         shape), as `chunk_check.layout_of`). Verified as `get` verifies (checksum, MAC, key) and
         counted as `get` counts; the file must be exactly the size that layout gives. Returns the
         bytes read, or 0 for a miss, after which the buffers hold anything. The value is not
-        decoded into a tensor of its own: one copy, from the page cache into the buffers."""
+        decoded into a tensor of its own: one copy, from the page cache into the buffers.
+        Buffers that do not add up to `layout` are the caller's error (ValueError), never a
+        reason to call the file damaged."""
         path = self._path(key)
         want = sum(len(b) for b in payload)
+        if want != layout_nbytes(layout):
+            raise ValueError(f"get_into: buffers of {want} bytes for tensors {list(layout)} of "
+                             f"{layout_nbytes(layout)}")
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
