@@ -61,14 +61,14 @@ def scrape_metrics(port: int) -> dict[str, float]:
 CPU_BLOCK = 128     # vLLM's CPU_ATTN block size (the MLA tests pass CPU_MLA's 16)
 
 
-def loadable(prompt_len: int, chunk: int, block: int = CPU_BLOCK) -> int:
+def loadable(prompt_len: int, chunk: int, block: int = CPU_BLOCK, tails: bool = True) -> int:
     """Tokens of a prompt whose chunks are all stored that the connector serves, leaving at
     least one prompt token to compute (the engine needs logits to sample from). With a chunk of
     whole blocks the prompt's blocks past its last full chunk are stored too (a tail chunk,
     config `tail_blocks`, on by default): every whole block before that token, as the engine's
     own prefix cache serves. Otherwise its full chunks, a chunk ending the prompt served up to
     its last whole block before that token."""
-    if chunk % block == 0:
+    if tails and chunk % block == 0:
         return max(0, prompt_len - 1) // block * block
     full = prompt_len // chunk * chunk
     if full < prompt_len:
