@@ -138,8 +138,12 @@ def make_namespace(vllm_config: "VllmConfig", config: CacheConfig, layout: KVLay
 
 def tail_chunks(config: CacheConfig, block_size: int) -> bool:
     """Whether a prompt's whole blocks past its last full chunk are kept as a tail chunk: asked
-    for (`tail_blocks`), stored as they are (codec none) and whole blocks of a chunk."""
-    return config.tail_blocks and config.codec == "none" and config.chunk_size % block_size == 0
+    for (`tail_blocks`), stored as they are (codec none), whole blocks of a chunk, and no shared
+    remote tier (Redis and S3 accept one chunk layout per tier, learned from the first value, and
+    refuse values of any other shape as damaged: a tail is shorter)."""
+    remote = config.tiers.redis.url is not None or config.tiers.s3.url is not None
+    return (config.tail_blocks and config.codec == "none" and not remote
+            and config.chunk_size % block_size == 0)
 
 
 def refuse_literal_secret(extra: dict) -> None:
