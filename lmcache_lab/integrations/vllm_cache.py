@@ -158,7 +158,7 @@ class WorkerCache:
         pinned = keys[skip:hit]
         tail = 0
         if self.tail_block and skip <= hit < max_chunks:
-            tail, key = self._find_tail(hit, keys[hit - 1] if hit else root, tokens)
+            tail, key = self._find_tail(hit, keys, root, tokens)
             if tail:
                 pinned = pinned + [key]
                 with self.lock:
@@ -171,14 +171,22 @@ class WorkerCache:
                 self.engine.unpin(old)
         return hit, tail, keys
 
-    def _find_tail(self, chunk: int, parent: bytes, tokens: np.ndarray) -> tuple[int, bytes]:
+    def _tail_key(self, chunk: int, blocks: int, keys: list[bytes], root: bytes,
+                  tokens: np.ndarray) -> bytes:
+        """Key of the tail chunk of `blocks` whole blocks at chunk index `chunk` of a prompt
+        (`keys`: its full chunks' keys, `root`: its chain root)."""
+        start = chunk * self.engine.chunk_size
+        return self.engine.keyer.tail_key(keys[chunk - 1] if chunk else root,
+                                          tokens[start:start + blocks * self.tail_block])
+
+    def _find_tail(self, chunk: int, keys: list[bytes], root: bytes,
+                   tokens: np.ndarray) -> tuple[int, bytes]:
         """(blocks, key) of the longest tail chunk present at chunk index `chunk` that ends
         before the prompt's last token, pinned; (0, b"") if none. Longest first: a tail is a
         prompt's whole blocks, so a longer one holds more of a repeated history."""
         bs, cs = self.tail_block, self.engine.chunk_size
-        start = chunk * cs
-        for m in range(min(cs // bs - 1, (len(tokens) - 1 - start) // bs), 0, -1):
-            key = self.engine.keyer.tail_key(parent, tokens[start:start + m * bs])
+        for m in range(min(cs // bs - 1, (len(tokens) - 1 - chunk * cs) // bs), 0, -1):
+            key = self._tail_key(chunk, m, keys, root, tokens)
             self.engine.pin_keys([key])            # pinned before counted, as lookup_and_pin
             if self.engine.store_.contains(key):
                 self.engine.count(hit_tokens=m * bs)
@@ -254,10 +262,7 @@ class WorkerCache:
             keys, prompt = self.keys.get(req_id), self.prompts.get(req_id)
         if keys is None or prompt is None or len(keys) < chunk:
             return None
-        root, tokens = prompt
-        start = chunk * self.engine.chunk_size
-        key = self.engine.keyer.tail_key(keys[chunk - 1] if chunk else root,
-                                         tokens[start:start + blocks * self.tail_block])
+        key = self._tail_key(chunk, blocks, keys, *prompt)
         store = self.engine.store_
         if store.contains(key, store.select(self.fast) if self.fast else None):
             return None
