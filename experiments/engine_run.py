@@ -526,7 +526,7 @@ def run_engine_experiment(cfg, out_dir: Path) -> dict:
     # validate everything before starting any engine: a bad key fails in a second
     cache_cfg = load_config({k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
                              for k in ("chunk_size", "hash", "policy", "tiers", "codec", "observability",
-                                       "trace", "tail_blocks") if k in cfg})
+                                       "trace", "tail_blocks", "prefetch") if k in cfg})
     if cache_cfg.trace.path is not None:      # the engine runs elsewhere: its path must not depend on cwd
         cache_cfg.trace.path = str(Path(cache_cfg.trace.path).resolve())
     cache_dict = cache_cfg.to_dict()

@@ -27,6 +27,7 @@ in lmcache_lab_failed_load_tokens_total instead, and is recomputed.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -289,9 +290,10 @@ class DeltaTracker:
     """Turns an engine's cumulative statistics into `MetricsDelta`s (worker side).
 
     Call `take(engine)` once per step, under the engine's lock; latencies are pushed with
-    `observe_load/observe_store` as they happen."""
+    `observe_load/observe_store` as they happen (from any thread: background loads too)."""
 
     def __init__(self):
+        self._samples_lock = threading.Lock()
         self._last: dict[str, int] = {}
         self._tier_last: dict[tuple[str, str], int] = {}   # (tier, TierStats field) -> last value
         self._load: list[float] = []
@@ -300,12 +302,14 @@ class DeltaTracker:
         self._gauges_due = True
 
     def observe_load(self, seconds: float) -> None:
-        self._load.append(seconds)
-        del self._load[:-MAX_SAMPLES]
+        with self._samples_lock:
+            self._load.append(seconds)
+            del self._load[:-MAX_SAMPLES]
 
     def observe_store(self, seconds: float) -> None:
-        self._store.append(seconds)
-        del self._store[:-MAX_SAMPLES]
+        with self._samples_lock:
+            self._store.append(seconds)
+            del self._store[:-MAX_SAMPLES]
 
     def take(self, engine, counters: dict[str, int] | None = None,
              gauges: dict[str, int] | None = None) -> MetricsDelta | None:
@@ -341,8 +345,9 @@ class DeltaTracker:
             self._gauges_due = False
         if gauges and gauges != self._gauges:
             d.gauges, self._gauges = dict(gauges), dict(gauges)
-        d.load_seconds, self._load = self._load, []
-        d.store_seconds, self._store = self._store, []
+        with self._samples_lock:
+            d.load_seconds, self._load = self._load, []
+            d.store_seconds, self._store = self._store, []
         return None if d.is_empty() else d
 
     def refresh_gauges(self) -> None:

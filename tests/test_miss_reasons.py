@@ -91,7 +91,7 @@ def test_a_chunk_whose_slow_store_was_skipped_says_skipped_store(tmp_path):
 
 
 def test_a_refused_cache_answers_refused():
-    assert refuse_lookup("r", np.arange(3), 1, 0) == (0, 0, ("refused", ""))
+    assert refuse_lookup("r", np.arange(3), 1, 0) == (0, 0, ("refused", ""), False)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -106,7 +106,7 @@ def test_each_requests_reasons_sum_to_its_lookup_minus_hit_tokens(seed):
     answers = {}
 
     def lookup(rid, prompt, max_chunks, skip, identity):
-        hit, tail, answers[rid] = cache.answer(rid, np.asarray(prompt), max_chunks, skip, identity)
+        hit, tail, answers[rid], _ = cache.answer(rid, np.asarray(prompt), max_chunks, skip, identity)
         return hit, tail
 
     planner = Planner(CS, BS, lookup)

@@ -8,6 +8,7 @@ a damaged file, removed, as `get` does.
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -197,21 +198,20 @@ def test_the_connector_reads_partial_and_tail_chunks_into_the_engines_blocks(tmp
     conn = object.__new__(LMCacheLabConnector)
     engine = [torch.zeros_like(t) for t in source]
     conn.config, conn.block_size, conn._cache = config, bs, cache
-    conn._layers, conn._layout, conn._invalid_blocks = engine, layout, set()
+    conn._layers, conn._layout = engine, layout
     conn._block_native = conn._reads_into = True
-    conn._scratch = None
+    conn._scratch = threading.local()
     blocks = np.arange(16, dtype=np.int64)                             # request "b": same ids
 
     def load(prompt, start, end):
         cache.answer("b", prompt, 4, start // cs)
-        conn._load(LoadSpec("b", start, end, slot_mapping(blocks, bs, start, end)))
-        return end
+        return conn._load(LoadSpec("b", start, end, slot_mapping(blocks, bs, start, end)))
 
     # 1. the tail chunk (3 blocks) loaded from its 2nd block on: its 1st block goes to scratch
-    load(np.concatenate([history, np.arange(900, 940)]), 20, 28)
+    assert load(np.concatenate([history, np.arange(900, 940)]), 20, 28) == set()   # nothing invalid
     # 2. a full chunk loaded up to its 1st block only: its last blocks go to scratch
-    load(np.concatenate([history, np.arange(900, 940)]), 0, 4)
-    assert cache.engine.tiers[0].stats.corrupt == 0 and not conn._invalid_blocks
+    assert load(np.concatenate([history, np.arange(900, 940)]), 0, 4) == set()
+    assert cache.engine.tiers[0].stats.corrupt == 0
     for e, s in zip(engine, source):
         assert torch.equal(e[[0, 5, 6]], s[[0, 5, 6]])                 # the loaded blocks
         assert not e[[1, 2, 3, 4, 7]].any()                            # the others untouched

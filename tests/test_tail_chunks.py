@@ -107,7 +107,7 @@ def test_a_later_prompt_that_extends_a_stored_one_hits_its_tail():
     history = np.arange(1000, 1030)                       # chunk 0 + 14 tokens: 3-block tail
     assert store_prompt(cache, "turn1", history) == 3
     turn2 = np.concatenate([history, np.arange(5000, 5040)])
-    hit, tail, _ = cache.answer("turn2", turn2, 4, 0)
+    hit, tail = cache.answer("turn2", turn2, 4, 0)[:2]
     assert (hit, tail) == (1, 3)
     assert len(cache.pins["turn2"]) == 2 and cache.engine.store_.pinned() == 2   # chunk 0 + tail
     assert cache.tail_at("turn2") == (1, 3)

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -59,6 +60,7 @@ from lmcache_lab.engine import CacheEngine
 from lmcache_lab.integrations.vllm_cache import (LookupClient, LookupServer, WorkerCache,
                                                   refuse_lookup, socket_path)
 from lmcache_lab.integrations.vllm_identity import model_fingerprint, pipeline_rank, request_identity
+from lmcache_lab.integrations.vllm_loads import BackgroundLoads
 from lmcache_lab.integrations.vllm_plan import LoadSpec, Planner, StepPlan, StoreSpec
 from lmcache_lab.integrations.vllm_stats import LMCacheLabPromMetrics, LMCacheLabStats, kv_events
 from lmcache_lab.integrations.vllm_support import unsupported_spec_reason
@@ -184,7 +186,8 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         self._stores_here = True      # False on tensor ranks > 0 of an MLA cache (rank 0 stores)
         self._block_native = False    # chunks are whole block records (kernels/blocks.py)
         self._reads_into = False      # a disk tier may read them straight into the blocks
-        self._scratch: memoryview | None = None   # one chunk: blocks read but not loaded
+        self._scratch = threading.local()         # .chunk: blocks read but not loaded (per thread)
+        self._background: BackgroundLoads | None = None   # loads between steps (`prefetch`)
         # scheduler side
         self._planner: Planner | None = None
         self._client: LookupClient | None = None
@@ -270,11 +273,12 @@ class LMCacheLabConnector(KVConnectorBase_V1):
                 self.metrics.lookups.labels("reused").inc()
             else:
                 t.miss = self._client.last_miss
+                t.background = self.config.prefetch and self._client.last_slow
             if not t.counted:
                 t.counted = True
                 lookup = planner.servable(t.prompt_len)
                 self.metrics.record_lookup(lookup, min(num_computed_tokens, lookup))
-            return ext, False
+            return ext, t.background and ext > 0
         except Exception:
             log.exception("lmcache_lab: lookup of request %s failed; counted as a miss",
                           request.request_id)
@@ -283,7 +287,9 @@ class LMCacheLabConnector(KVConnectorBase_V1):
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
                                  num_external_tokens: int):
-        self._planner.allocated(request.request_id, num_external_tokens)
+        t = self._planner.requests.get(request.request_id)
+        block_ids = blocks.get_block_ids()[0] if t is not None and t.background else None
+        self._planner.allocated(request.request_id, num_external_tokens, block_ids)
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         new = [(r.req_id, r.block_ids[0], r.num_computed_tokens)
@@ -401,6 +407,8 @@ class LMCacheLabConnector(KVConnectorBase_V1):
                                   events=self._events_enabled and tp_rank == 0, tail_block=tail)
         self._cache.serve(path, self._authkey)
         atexit.register(self._cache.close)
+        if self.config.prefetch and self.load_enabled:
+            self._background = BackgroundLoads(self._load_between_steps, self._layout.block_size)
         log.info("lmcache_lab: %s layout (%s chunks), %d layers, chunk_size %d, tiers %s, "
                  "namespace %s", self._layout.name,
                  "block-native" if self._block_native else "token-major",
@@ -478,18 +486,42 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         for req_id in meta.release:
             self._cache.release(req_id)
         for req_id in meta.finished:
+            if self._background is not None:
+                self._background.cancel(req_id)
             self._cache.forget(req_id)
         for spec in meta.loads:
-            self._load(spec)
+            if spec.background and self._background is not None:
+                self._background.submit(spec)
+            else:
+                self._invalid_blocks |= self._load(spec)
 
-    def _load(self, spec: LoadSpec) -> None:
+    def _load_between_steps(self, spec: LoadSpec) -> set[int]:
+        """`_load` on the background thread; on a GPU its copies are complete when it returns
+        (the request is reported loaded right after)."""
+        invalid = self._load(spec)
+        if self._layers[0].device.type == "cuda":
+            torch.cuda.current_stream(self._layers[0].device).synchronize()
+        return invalid
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """(None, requests whose background loads are done): vLLM schedules them next. The
+        blocks those loads could not fill go out in the same pass
+        (`get_block_ids_with_load_errors`, which vLLM calls after this)."""
+        if self._background is None:
+            return None, None
+        done, invalid = self._background.take()
+        self._invalid_blocks |= invalid
+        return None, done or None
+
+    def _load(self, spec: LoadSpec) -> set[int]:
+        """Read the spec's chunks into the engine's blocks; returns the blocks vLLM must
+        recompute (those from the first token not loaded on)."""
         cs = self.config.chunk_size
         t0 = time.perf_counter()
         if spec.failed:   # the scheduler could not plan it: vLLM must recompute these blocks
             self._cache.release(spec.req_id)
-            self._invalid_blocks.update(spec.blocks.tolist())
             self._cache.count(failed_load_tokens=spec.end - spec.start)
-            return
+            return set(spec.blocks.tolist())
         first, last = spec.start // cs, -(-spec.end // cs)
         loaded_to = spec.start          # tokens [spec.start, loaded_to) are in the engine
         try:
@@ -507,13 +539,12 @@ class LMCacheLabConnector(KVConnectorBase_V1):
             log.exception("lmcache_lab: loading request %s failed; its blocks are recomputed",
                           spec.req_id)
             self._cache.engine.count(load_failures=1)
-        if loaded_to < spec.end:
-            # vLLM recomputes from the first invalid block on (a partly loaded block included).
-            failed = spec.slots[loaded_to - spec.start:] // self.block_size
-            self._invalid_blocks.update(np.unique(failed).tolist())
+        # vLLM recomputes from the first invalid block on (a partly loaded block included).
+        failed = spec.slots[loaded_to - spec.start:] // self.block_size
         self._cache.count(loaded_tokens=loaded_to - spec.start,
                           failed_load_tokens=spec.end - loaded_to)
         self._cache.deltas.observe_load(time.perf_counter() - t0)
+        return set(np.unique(failed).tolist())
 
     def _scatter(self, chunk: torch.Tensor, a: int, b: int, slots: torch.Tensor) -> None:
         """Write tokens [a, b) of `chunk` into the engine's cache at `slots`."""
@@ -549,9 +580,10 @@ class LMCacheLabConnector(KVConnectorBase_V1):
             ids = torch.from_numpy(spec.slots[a - spec.start:b - spec.start:n] // n)
             mine = block_buffers(self._layers, self._layout, ids) if len(ids) else []
             spans = len(mine) // (layers * len(ids)) if len(ids) else 0
-            if len(wanted) < nb and self._scratch is None:
-                self._scratch = memoryview(torch.zeros(layers * (cs // n) * row,   # a whole chunk
-                                                       dtype=torch.uint8).numpy())
+            scratch = getattr(self._scratch, "chunk", None)
+            if len(wanted) < nb and scratch is None:
+                scratch = self._scratch.chunk = memoryview(       # a whole chunk, this thread's
+                    torch.zeros(layers * (cs // n) * row, dtype=torch.uint8).numpy())
             out, k = [], 0
             for layer in range(layers):
                 for j in range(nb):
@@ -560,7 +592,7 @@ class LMCacheLabConnector(KVConnectorBase_V1):
                         k += spans
                     else:
                         r = (layer * nb + j) * row
-                        out.append(self._scratch[r:r + row])
+                        out.append(scratch[r:r + row])
             return out, value
 
         return into
@@ -638,6 +670,8 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         return LMCacheLabWorkerMetadata(delta or MetricsDelta(), events)
 
     def shutdown(self):
+        if self._background is not None:
+            self._background.close()
         if self._cache is not None:
             self._cache.close()
         if self._refused is not None:

@@ -131,19 +131,24 @@ class WorkerCache:
                    identity: Identity = ()) -> tuple[int, Miss]:
         """`lookup`, and why the first chunk past the hit misses (`never_stored` when every
         chunk asked about is a hit)."""
-        hit, _, miss = self.answer(req_id, tokens, max_chunks, skip, identity)
+        hit, _, miss, _ = self.answer(req_id, tokens, max_chunks, skip, identity)
         return hit, miss
 
     def answer(self, req_id: str, tokens: np.ndarray, max_chunks: int, skip: int,
-               identity: Identity = ()) -> tuple[int, int, Miss]:
+               identity: Identity = ()) -> tuple[int, int, Miss, bool]:
         """`lookup_why`, plus the blocks of a tail chunk found (and pinned) right after the hit
-        (0 without tail chunks, or when the hit stops before `skip` or reaches `max_chunks`)."""
-        hit, tail, keys = self._lookup(req_id, tokens, max_chunks, skip, identity)
+        (0 without tail chunks, or when the hit stops before `skip` or reaches `max_chunks`),
+        and whether a chunk it pinned is held by no memory tier (its load reads a slow one)."""
+        hit, tail, keys, pinned = self._lookup(req_id, tokens, max_chunks, skip, identity)
         miss = self.ghost.why(keys[hit]) if hit < min(max_chunks, len(keys)) else NEVER_STORED
-        return hit, tail, miss
+        store = self.engine.store_
+        fast = store.select(self.fast) if self.fast else None
+        slow = bool(pinned) and (fast is None or not all(store.contains(k, fast) for k in pinned))
+        return hit, tail, miss, slow
 
     def _lookup(self, req_id: str, tokens: np.ndarray, max_chunks: int, skip: int,
-                identity: Identity) -> tuple[int, int, list[bytes]]:
+                identity: Identity) -> tuple[int, int, list[bytes], list[bytes]]:
+        """(hit chunks, tail blocks, the prompt's keys, the keys pinned for its load)."""
         keys = self.engine.chunk_keys(tokens, identity=identity)
         root = self.engine.keyer.request_root(identity) if self.tail_block else b""
         with self.lock:
@@ -169,7 +174,7 @@ class WorkerCache:
                 self.pins[req_id] = pinned
             if old:
                 self.engine.unpin(old)
-        return hit, tail, keys
+        return hit, tail, keys, pinned
 
     def _tail_key(self, chunk: int, blocks: int, keys: list[bytes], root: bytes,
                   tokens: np.ndarray) -> bytes:
@@ -323,14 +328,14 @@ class WorkerCache:
 
 
 def refuse_lookup(req_id: str, tokens: np.ndarray, max_chunks: int, skip: int,
-                  identity: Identity = ()) -> tuple[int, int, Miss]:
+                  identity: Identity = ()) -> tuple[int, int, Miss, bool]:
     """The answer of a worker whose KV cache lmcache_lab refused: nothing is cached, at once."""
-    return 0, 0, ("refused", "")
+    return 0, 0, ("refused", ""), False
 
 
 class LookupServer:
     """Answers `LookupClient`s on a unix socket with `answer(req_id, tokens, max_chunks, skip,
-    identity)` -> (hit chunks, tail blocks, miss reason) (a daemon thread per connection). A failing answer
+    identity)` -> (hit chunks, tail blocks, miss reason, slow) (a daemon thread per connection). A failing answer
     is sent back as an error, which the scheduler counts as a miss."""
 
     def __init__(self, path: str, authkey: bytes, answer):
@@ -366,9 +371,9 @@ class LookupServer:
                     if h["op"] == "lookup":
                         tokens = np.frombuffer(body, dtype="<u4")
                         identity = tuple((str(t), str(v)) for t, v in h.get("id", ()))
-                        hit, tail, miss = self.answer(str(h["req"]), tokens, int(h["max"]),
-                                                      int(h["skip"]), identity)
-                        reply = {"hit": hit, "tail": tail, "miss": list(miss)}
+                        hit, tail, miss, slow = self.answer(str(h["req"]), tokens, int(h["max"]),
+                                                            int(h["skip"]), identity)
+                        reply = {"hit": hit, "tail": tail, "miss": list(miss), "slow": slow}
                     else:
                         raise ValueError(f"unknown op {h['op']!r}")
                 except Exception as e:  # answered as an error: the scheduler counts a miss
@@ -395,7 +400,8 @@ class LookupClient:
     be reached, or does not answer within `timeout_s` (a worker stalled by slow I/O), answers 0
     (a miss); the failure is counted in `errors` and the connection is dropped, so a late reply
     is never read as the answer to a later lookup. `last_miss` is why the last lookup's first
-    missing chunk missed (that of the rank with the smallest hit; `load_failed` on a fault)."""
+    missing chunk missed (that of the rank with the smallest hit; `load_failed` on a fault);
+    `last_slow` whether some rank's load of it would read a slow tier (disk, Redis, S3)."""
 
     def __init__(self, paths: Sequence[str], authkey: bytes, connect_timeout_s: float = 30.0,
                  timeout_s: float = 2.0):
@@ -404,6 +410,7 @@ class LookupClient:
         self._conns: list = [None] * len(self.paths)
         self.errors = 0
         self.last_miss: Miss = NEVER_STORED
+        self.last_slow = False
 
     def _conn(self, i: int):
         if self._conns[i] is None:
@@ -426,7 +433,7 @@ class LookupClient:
         tokens = np.asarray(prompt, dtype="<u4").tobytes()
         msg = json.dumps({"op": "lookup", "req": req_id, "max": max_chunks, "skip": skip,
                           "id": [list(p) for p in identity]}).encode() + b"\0" + tokens
-        hit, self.last_miss, answers = None, NEVER_STORED, []
+        hit, self.last_miss, self.last_slow, answers = None, NEVER_STORED, False, []
         for i in range(len(self.paths)):
             try:
                 conn = self._conn(i)
@@ -438,6 +445,7 @@ class LookupClient:
                     raise RuntimeError(reply["error"])
                 n, tail = int(reply["hit"]), int(reply.get("tail", 0))
                 miss = tuple(reply.get("miss") or NEVER_STORED)
+                self.last_slow |= bool(reply.get("slow"))
             except TimeoutError as e:
                 log.warning("lmcache_lab: lookup on rank %d: %s; counted as a miss", i, e)
                 self.errors += 1

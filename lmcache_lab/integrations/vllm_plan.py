@@ -34,6 +34,9 @@ Invariants:
     prefill completes a long prompt's chunks over several steps); with `tails`, the prompt's
     whole blocks past its last full chunk are planned once, as a tail chunk, in the step that
     completes the prompt;
+  * a load vLLM runs between steps (`background`: its async KV load, used for hits only a slow
+    tier holds) is planned when vLLM allocates its blocks, since the request is not scheduled
+    until the worker reports the load done; it is sent in the next step's plan like any load;
   * slot mappings are built with numpy, never with a Python loop over tokens.
 """
 from __future__ import annotations
@@ -79,6 +82,7 @@ class LoadSpec:
     slots: np.ndarray       # int64 [end - start]
     failed: bool = False
     blocks: np.ndarray | None = None
+    background: bool = False    # vLLM's async load: run off the step, report it done later
 
 
 @dataclass
@@ -119,6 +123,7 @@ class RequestTracker:
     pinned: bool = False              # the worker holds this request's hit pinned (not yet allocated)
     accepted: int = 0                 # external tokens vLLM last accepted to load
     miss: tuple[str, str] = ("never_stored", "")    # why the first chunk past the hit missed
+    background: bool = False          # the hit is loaded between steps (a slow tier holds it)
 
     @property
     def done(self) -> bool:
@@ -147,6 +152,7 @@ class Planner:
         self.requests: dict[str, RequestTracker] = {}
         self._release: list[str] = []
         self._finished: list[str] = []
+        self._background: list[LoadSpec] = []     # loads planned at allocation, sent next step
         self.errors = 0                   # plans that failed (logged; recomputed or not stored)
         self.reused_lookups = 0           # repeated lookups answered from the pinned first answer
 
@@ -162,6 +168,7 @@ class Planner:
             if t is None:
                 t = self.requests[req_id] = self._track(req_id, len(prompt))
             t.load = None
+            t.background = False
             t.matched_from = num_computed
             servable = self.servable(t.prompt_len)
             wanted = -(-servable // cs) if self.load_enabled else 0
@@ -184,9 +191,11 @@ class Planner:
         return RequestTracker(req_id, prompt_len, n, tail_len=tail, tail_planned=tail == 0)
 
     # ---- allocation (update_state_after_alloc) --------------------------------------------------
-    def allocated(self, req_id: str, num_external: int) -> None:
+    def allocated(self, req_id: str, num_external: int,
+                  block_ids: Sequence[int] | None = None) -> None:
         """The scheduler accepted `num_external` tokens to load, starting where the lookup's
-        `num_computed` ended (vLLM's definition; it may have trimmed the hit's end)."""
+        `num_computed` ended (vLLM's definition; it may have trimmed the hit's end). For a
+        `background` load, `block_ids` are the request's blocks: it is planned now."""
         t = self.requests.get(req_id)
         if t is None:
             return
@@ -205,6 +214,12 @@ class Planner:
             log.error("lmcache_lab: request %s: vLLM accepted %d external tokens from %d, beyond "
                       "the hit of %d", req_id, num_external, start, t.hit_tokens)
         t.load = (start, end)
+        if t.background:
+            t.block_ids = np.asarray(block_ids, dtype=np.int64)
+            n = len(self._background)
+            self._plan_safely(t, start, 0, StepPlan(loads=self._background))
+            for spec in self._background[n:]:
+                spec.background = True
 
     # ---- per step (build_connector_meta) --------------------------------------------------------
     def step(self, new_reqs: Sequence[tuple[str, Sequence[int], int]],
@@ -212,8 +227,8 @@ class Planner:
              num_scheduled: dict[str, int]) -> StepPlan:
         """`new_reqs`: (req_id, block_ids, num_computed_tokens); `cached_reqs`: (req_id,
         new_block_ids or None, resumed (block ids replace), num_computed_tokens)."""
-        plan = StepPlan(release=self._release, finished=self._finished)
-        self._release, self._finished = [], []
+        plan = StepPlan(loads=self._background, release=self._release, finished=self._finished)
+        self._release, self._finished, self._background = [], [], []
         for req_id, block_ids, num_computed in new_reqs:
             t = self.requests.get(req_id)
             if t is None:
