@@ -15,7 +15,7 @@ Hydra's composed config and from the vLLM connector's `kv_connector_extra_config
     write_behind: {max_bytes: 256MiB}              # pending writes to disk/Redis; beyond: skipped
     lookup_timeout_s: 2.0                          # vLLM scheduler's wait for a lookup; then a miss
     tail_blocks: true         # vLLM: also keep a prompt's whole blocks past its last full chunk
-    prefetch: true            # vLLM: hits only a slow tier holds load while other requests run
+    prefetch: auto            # vLLM: load hits only a slow tier holds between engine steps
     store_secret: null        # a literal, file:/path or env:NAME; authenticates shared tiers' values
     observability: {ghost_entries: 100000}         # evicted keys remembered for miss reasons
     trace: {path: null, sample: 1.0}               # capture requests as a Mooncake trace (JSONL)
@@ -343,9 +343,11 @@ class CacheConfig:
     # so a connector hit covers what the engine's own prefix cache would
     tail_blocks: bool = True
     # vLLM connector: a hit that a slow tier (disk, Redis, S3) holds and the memory tier does not
-    # is loaded between engine steps (vLLM's async KV load), while the engine runs other requests;
-    # false: loaded in the step that schedules the request, before its forward pass
-    prefetch: bool = True
+    # is loaded between engine steps (vLLM's async KV load) while the engine runs other requests:
+    # true: always; false: never (loaded in the step that schedules the request, which waits);
+    # auto: when the other requests of a step would wait longer in total than a step lasts
+    # (`vllm_plan.load_between_steps`)
+    prefetch: bool | str = "auto"
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
     trace: TraceConfig = field(default_factory=TraceConfig)
     # With a secret, chunk keys are rooted in it and every value in a shared tier (disk, Redis, S3)
@@ -358,9 +360,11 @@ class CacheConfig:
         if isinstance(self.lookup_timeout_s, bool) or not isinstance(self.lookup_timeout_s, (int, float)) \
                 or self.lookup_timeout_s <= 0:
             raise ConfigError(f"lookup_timeout_s: must be a number of seconds > 0, got {self.lookup_timeout_s!r}")
-        for key in ("tail_blocks", "prefetch"):
-            if not isinstance(getattr(self, key), bool):
-                raise ConfigError(f"{key}: must be true or false, got {getattr(self, key)!r}")
+        if not isinstance(self.tail_blocks, bool):
+            raise ConfigError(f"tail_blocks: must be true or false, got {self.tail_blocks!r}")
+        if self.prefetch not in (True, False, "auto") or isinstance(self.prefetch, int) \
+                and not isinstance(self.prefetch, bool):
+            raise ConfigError(f"prefetch: must be auto, true or false, got {self.prefetch!r}")
         if not isinstance(self.chunk_size, int) or isinstance(self.chunk_size, bool) or self.chunk_size <= 0:
             raise ConfigError(f"chunk_size: must be a positive integer, got {self.chunk_size!r}")
         _check_choice("hash", self.hash, HASHES)

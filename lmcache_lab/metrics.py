@@ -51,6 +51,7 @@ class MetricsDelta:
     store_failures: int = 0
     loaded_tokens: int = 0                 # tokens loaded into the engine (hits that happened)
     failed_load_tokens: int = 0            # tokens promised by a lookup that could not be loaded
+    background_loaded_tokens: int = 0      # of loaded_tokens, those loaded between engine steps
     write_behind_skipped_chunks: int = 0   # slow-tier writes skipped: write-behind budget full
     evictions: dict[str, int] = field(default_factory=dict)          # tier -> count
     tier_used_bytes: dict[str, int] = field(default_factory=dict)    # tier -> bytes
@@ -64,7 +65,7 @@ class MetricsDelta:
 
     COUNTERS = ("stored_chunks", "stored_bytes", "retrieved_chunks", "retrieved_bytes",
                 "load_failures", "store_failures", "loaded_tokens", "failed_load_tokens",
-                "write_behind_skipped_chunks")
+                "background_loaded_tokens", "write_behind_skipped_chunks")
 
     def is_empty(self) -> bool:
         return not (any(getattr(self, c) for c in self.COUNTERS) or any(self.evictions.values())
@@ -132,6 +133,10 @@ class CacheMetrics:
         self.failed_load_tokens = Counter(
             PREFIX + "failed_load_tokens",
             "Prompt tokens a lookup promised that could not be loaded (recomputed instead)", registry=r)
+        self.background_loaded_tokens = Counter(
+            PREFIX + "background_loaded_tokens",
+            "Of the hit tokens, those loaded between engine steps (prefetch: vLLM's async KV load)",
+            registry=r)
         self.write_behind_skipped_chunks = Counter(
             PREFIX + "write_behind_skipped_chunks",
             "Chunks not written to slow tiers because the write-behind budget was full", registry=r)
@@ -241,6 +246,7 @@ class CacheMetrics:
         self.load_failures.inc(d.load_failures)
         self.store_failures.inc(d.store_failures)
         self.record_load(d.loaded_tokens, d.failed_load_tokens)
+        self.background_loaded_tokens.inc(d.background_loaded_tokens)
         self.write_behind_skipped_chunks.inc(d.write_behind_skipped_chunks)
         for name, v in d.gauges.items():
             self.gauges[name].set(v)

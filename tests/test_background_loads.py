@@ -14,7 +14,7 @@ from lmcache_lab.config import load_config
 from lmcache_lab.engine import CacheEngine
 from lmcache_lab.integrations.vllm_cache import WorkerCache
 from lmcache_lab.integrations.vllm_loads import BackgroundLoads
-from lmcache_lab.integrations.vllm_plan import LoadSpec, Planner, slot_mapping
+from lmcache_lab.integrations.vllm_plan import LoadSpec, Planner, load_between_steps, slot_mapping
 from lmcache_lab.keys import Namespace
 
 CS, BS = 8, 4
@@ -91,7 +91,7 @@ def disk_cache(path, memory: bool = True) -> WorkerCache:
                                    namespace=Namespace(model="m")))
 
 
-def test_answer_is_slow_when_a_pinned_chunk_is_held_by_no_memory_tier(tmp_path):
+def test_answer_counts_the_pinned_chunks_no_memory_tier_holds(tmp_path):
     tokens = np.arange(40)
     cache = disk_cache(tmp_path)
     cache.answer("w", tokens, 0, 0)
@@ -100,21 +100,37 @@ def test_answer_is_slow_when_a_pinned_chunk_is_held_by_no_memory_tier(tmp_path):
         cache.write(keys, i, chunk(i))
     cache.flush()
     hit, _, _, slow = cache.answer("a", tokens, 4, 0)
-    assert (hit, slow) == (3, False)                # all three in memory
+    assert (hit, slow) == (3, 0)                    # all three in memory
     cache.release("a")
     memory = cache.engine.tiers[0]
     with memory.lock:
         memory.delete(keys[2])                      # chunk 2 now on disk only
-    assert cache.answer("b", tokens, 4, 0)[::3] == (3, True)
-    assert cache.answer("c", tokens, 4, 3)[::3] == (3, False)    # skipped: not loaded, not slow
-    assert cache.answer("d", tokens, 2, 0)[::3] == (2, False)    # chunk 2 not asked for
+    assert cache.answer("b", tokens, 4, 0)[::3] == (3, 1)
+    assert cache.answer("c", tokens, 4, 3)[::3] == (3, 0)        # skipped: not loaded, not slow
+    assert cache.answer("d", tokens, 2, 0)[::3] == (2, 0)        # chunk 2 not asked for
     for rid in "bcd":
         cache.release(rid)
     cache.close()
     restarted = disk_cache(tmp_path)                # a new process: its memory tier is empty
-    assert restarted.answer("e", tokens, 4, 0)[::3] == (3, True)
-    assert restarted.answer("f", np.arange(100, 140), 4, 0)[::3] == (0, False)   # a miss
+    assert restarted.answer("e", tokens, 4, 0)[::3] == (3, 3)
+    assert restarted.answer("f", np.arange(100, 140), 4, 0)[::3] == (0, 0)       # a miss
+    assert restarted.slow_chunk_s == 0.0            # nothing read from disk yet
+    assert len(restarted.read("e", 0, 3)) == 3
+    assert restarted.slow_chunk_s > 0.0             # measured on the load
+    assert restarted.answer("g", tokens, 4, 0)[::3] == (3, 0)    # promoted into memory
     restarted.close()
+
+
+@pytest.mark.parametrize("load_s,others,step_s,between", [
+    (0.2, 0, 0.01, False),      # alone in the engine: nothing to overlap
+    (0.0, 8, 0.01, False),      # no slow load measured yet: measure one in the step
+    (0.2, 4, 0.02, True),       # decoders would stall 4 x 200 ms; the request waits ~20 ms more
+    (0.08, 2, 1.5, False),      # long prefill steps: the others lose less than a step
+    (0.5, 4, 2.0, False),       # equal: the step keeps it
+])
+def test_load_between_steps_when_the_others_would_lose_more_than_a_step(load_s, others, step_s,
+                                                                        between):
+    assert load_between_steps(load_s, others, step_s) is between
 
 
 # ------------------------------------------------------------------------------ background thread
@@ -191,8 +207,10 @@ def test_done_and_invalid_blocks_come_from_one_critical_section():
     loads.close()
 
 
-@pytest.mark.parametrize("prefetch", [True, False])
-def test_prefetch_is_a_boolean_key(prefetch):
-    assert load_config({"prefetch": prefetch}).prefetch is prefetch
-    with pytest.raises(ValueError, match="prefetch: must be true or false"):
-        load_config({"prefetch": "yes"})
+@pytest.mark.parametrize("prefetch", [True, False, "auto"])
+def test_prefetch_is_auto_or_a_boolean(prefetch):
+    assert load_config({"prefetch": prefetch}).prefetch == prefetch
+    assert load_config({}).prefetch == "auto"
+    for bad in ("yes", 1, 0, None):
+        with pytest.raises(ValueError, match="prefetch: must be auto, true or false"):
+            load_config({"prefetch": bad})

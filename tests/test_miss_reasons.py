@@ -91,7 +91,7 @@ def test_a_chunk_whose_slow_store_was_skipped_says_skipped_store(tmp_path):
 
 
 def test_a_refused_cache_answers_refused():
-    assert refuse_lookup("r", np.arange(3), 1, 0) == (0, 0, ("refused", ""), False)
+    assert refuse_lookup("r", np.arange(3), 1, 0) == (0, 0, ("refused", ""), 0)
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -61,7 +61,8 @@ from lmcache_lab.integrations.vllm_cache import (LookupClient, LookupServer, Wor
                                                   refuse_lookup, socket_path)
 from lmcache_lab.integrations.vllm_identity import model_fingerprint, pipeline_rank, request_identity
 from lmcache_lab.integrations.vllm_loads import BackgroundLoads
-from lmcache_lab.integrations.vllm_plan import LoadSpec, Planner, StepPlan, StoreSpec
+from lmcache_lab.integrations.vllm_plan import (LoadSpec, Planner, StepPlan, StoreSpec,
+                                                 load_between_steps)
 from lmcache_lab.integrations.vllm_stats import LMCacheLabPromMetrics, LMCacheLabStats, kv_events
 from lmcache_lab.integrations.vllm_support import unsupported_spec_reason
 from lmcache_lab.keys import ChunkKeyer, Namespace
@@ -193,6 +194,9 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         self._client: LookupClient | None = None
         self._plan_errors = 0
         self._refused_ids: set[str] = set()      # refused requests counted (once each)
+        self._step_s = 0.0                # moving average of an engine step's wall time
+        self._step_reqs = 0               # requests the last step scheduled
+        self._step_at: float | None = None
         self.trace: TraceWriter | None = None
         self._kv_events: list = []                # vLLM events waiting for take_events
         ev = vllm_config.kv_events_config
@@ -273,7 +277,7 @@ class LMCacheLabConnector(KVConnectorBase_V1):
                 self.metrics.lookups.labels("reused").inc()
             else:
                 t.miss = self._client.last_miss
-                t.background = self.config.prefetch and self._client.last_slow
+                t.background = self._between_steps()
             if not t.counted:
                 t.counted = True
                 lookup = planner.servable(t.prompt_len)
@@ -285,6 +289,22 @@ class LMCacheLabConnector(KVConnectorBase_V1):
             self.metrics.lookup_errors.inc()
             return 0, False
 
+    def _between_steps(self) -> bool:
+        """Whether the last lookup's hit loads between engine steps (config `prefetch`)."""
+        c, prefetch = self._client, self.config.prefetch
+        if not c.last_slow or prefetch is False:
+            return False
+        return prefetch is True or load_between_steps(c.last_slow_s, self._step_reqs, self._step_s)
+
+    def _time_step(self, scheduled_requests: int) -> None:
+        """Called once per engine step: the time since the previous call is that step's wall
+        time (scheduling, forward pass, outputs), unless it scheduled nothing (then idle)."""
+        now = time.perf_counter()
+        if self._step_at is not None and self._step_reqs:
+            dt = now - self._step_at
+            self._step_s = dt if not self._step_s else 0.8 * self._step_s + 0.2 * dt
+        self._step_at, self._step_reqs = now, scheduled_requests
+
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
                                  num_external_tokens: int):
         t = self._planner.requests.get(request.request_id)
@@ -292,6 +312,7 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         self._planner.allocated(request.request_id, num_external_tokens, block_ids)
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        self._time_step(len(scheduler_output.num_scheduled_tokens))
         new = [(r.req_id, r.block_ids[0], r.num_computed_tokens)
                for r in scheduler_output.scheduled_new_reqs]
         c = scheduler_output.scheduled_cached_reqs
@@ -542,7 +563,8 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         # vLLM recomputes from the first invalid block on (a partly loaded block included).
         failed = spec.slots[loaded_to - spec.start:] // self.block_size
         self._cache.count(loaded_tokens=loaded_to - spec.start,
-                          failed_load_tokens=spec.end - loaded_to)
+                          failed_load_tokens=spec.end - loaded_to,
+                          background_loaded_tokens=(loaded_to - spec.start) * spec.background)
         self._cache.deltas.observe_load(time.perf_counter() - t0)
         return set(np.unique(failed).tolist())
 

@@ -86,7 +86,11 @@ class WorkerCache:
         self.fast = [i for i, t in enumerate(engine.tiers) if isinstance(t, MemoryTier)]
         self.slow = [i for i, t in enumerate(engine.tiers) if not isinstance(t, MemoryTier)]
         self.deltas = DeltaTracker()
-        self.counters = {"store_failures": 0, "loaded_tokens": 0, "failed_load_tokens": 0}
+        # seconds a load spent per chunk read from a slow tier (moving average over loads; 0
+        # until one was measured): `slow_seconds` estimates a load's cost from it
+        self.slow_chunk_s = 0.0
+        self.counters = {"store_failures": 0, "loaded_tokens": 0, "failed_load_tokens": 0,
+                         "background_loaded_tokens": 0}
         self.writer = WriteBehind(engine.config.write_behind.max_bytes) if self.slow else None
         self.ghost = GhostIndex(engine.config.observability.ghost_entries)
         self.events: list[tuple] | None = [] if events else None    # raw, for vllm_stats.kv_events
@@ -135,16 +139,21 @@ class WorkerCache:
         return hit, miss
 
     def answer(self, req_id: str, tokens: np.ndarray, max_chunks: int, skip: int,
-               identity: Identity = ()) -> tuple[int, int, Miss, bool]:
+               identity: Identity = ()) -> tuple[int, int, Miss, int]:
         """`lookup_why`, plus the blocks of a tail chunk found (and pinned) right after the hit
         (0 without tail chunks, or when the hit stops before `skip` or reaches `max_chunks`),
-        and whether a chunk it pinned is held by no memory tier (its load reads a slow one)."""
+        and how many chunks it pinned no memory tier holds (their load reads a slow tier)."""
         hit, tail, keys, pinned = self._lookup(req_id, tokens, max_chunks, skip, identity)
         miss = self.ghost.why(keys[hit]) if hit < min(max_chunks, len(keys)) else NEVER_STORED
+        return hit, tail, miss, self._slow_count(pinned)
+
+    def _slow_count(self, keys: Sequence[bytes]) -> int:
+        """How many of `keys` no memory tier holds."""
         store = self.engine.store_
-        fast = store.select(self.fast) if self.fast else None
-        slow = bool(pinned) and (fast is None or not all(store.contains(k, fast) for k in pinned))
-        return hit, tail, miss, slow
+        if not self.fast:
+            return len(keys)
+        fast = store.select(self.fast)
+        return sum(not store.contains(k, fast) for k in keys)
 
     def _lookup(self, req_id: str, tokens: np.ndarray, max_chunks: int, skip: int,
                 identity: Identity) -> tuple[int, int, list[bytes], list[bytes]]:
@@ -238,7 +247,13 @@ class WorkerCache:
             if keys is None or len(keys) < last:
                 self.engine.count(load_failures=1)
                 return []
+            slow = self._slow_count(keys[first:last])
+            t0 = time.perf_counter()
             chunks = self.engine.retrieve_keyed(keys[:last], first, touch_tiers=self.fast, into=into)
+            if slow and len(chunks) == last - first:
+                sample = (time.perf_counter() - t0) / slow
+                self.slow_chunk_s = sample if not self.slow_chunk_s else \
+                    0.8 * self.slow_chunk_s + 0.2 * sample
             if self.writer is not None:     # the slow tiers' touch waits behind their writes
                 chain = keys[:first + len(chunks)]
                 self.writer.submit(0, lambda: self.engine.touch(chain, self.slow))
@@ -324,22 +339,24 @@ class WorkerCache:
 
     def serve(self, path: str, authkey: bytes) -> None:
         """Answer the scheduler's lookups on a unix socket at `path`."""
-        self._server = LookupServer(path, authkey, self.answer)
+        self._server = LookupServer(path, authkey, self.answer, lambda: self.slow_chunk_s)
 
 
 def refuse_lookup(req_id: str, tokens: np.ndarray, max_chunks: int, skip: int,
-                  identity: Identity = ()) -> tuple[int, int, Miss, bool]:
+                  identity: Identity = ()) -> tuple[int, int, Miss, int]:
     """The answer of a worker whose KV cache lmcache_lab refused: nothing is cached, at once."""
-    return 0, 0, ("refused", ""), False
+    return 0, 0, ("refused", ""), 0
 
 
 class LookupServer:
     """Answers `LookupClient`s on a unix socket with `answer(req_id, tokens, max_chunks, skip,
-    identity)` -> (hit chunks, tail blocks, miss reason, slow) (a daemon thread per connection). A failing answer
+    identity)` -> (hit chunks, tail blocks, miss reason, chunks only a slow tier holds) (a daemon
+    thread per connection), and the estimated seconds to read those (`slow_chunk_s`). A failing answer
     is sent back as an error, which the scheduler counts as a miss."""
 
-    def __init__(self, path: str, authkey: bytes, answer):
+    def __init__(self, path: str, authkey: bytes, answer, slow_chunk_s=lambda: 0.0):
         self.answer = answer
+        self.slow_chunk_s = slow_chunk_s
         if os.path.exists(path):
             os.unlink(path)
         self._listener: Listener | None = Listener(path, family="AF_UNIX", authkey=authkey)
@@ -373,7 +390,8 @@ class LookupServer:
                         identity = tuple((str(t), str(v)) for t, v in h.get("id", ()))
                         hit, tail, miss, slow = self.answer(str(h["req"]), tokens, int(h["max"]),
                                                             int(h["skip"]), identity)
-                        reply = {"hit": hit, "tail": tail, "miss": list(miss), "slow": slow}
+                        reply = {"hit": hit, "tail": tail, "miss": list(miss), "slow": slow,
+                                 "slow_s": slow * self.slow_chunk_s()}
                     else:
                         raise ValueError(f"unknown op {h['op']!r}")
                 except Exception as e:  # answered as an error: the scheduler counts a miss
@@ -401,7 +419,8 @@ class LookupClient:
     (a miss); the failure is counted in `errors` and the connection is dropped, so a late reply
     is never read as the answer to a later lookup. `last_miss` is why the last lookup's first
     missing chunk missed (that of the rank with the smallest hit; `load_failed` on a fault);
-    `last_slow` whether some rank's load of it would read a slow tier (disk, Redis, S3)."""
+    `last_slow` whether some rank's load of it would read a slow tier (disk, Redis, S3), and
+    `last_slow_s` the longest such read a rank estimates (seconds; 0 before one was measured)."""
 
     def __init__(self, paths: Sequence[str], authkey: bytes, connect_timeout_s: float = 30.0,
                  timeout_s: float = 2.0):
@@ -411,6 +430,7 @@ class LookupClient:
         self.errors = 0
         self.last_miss: Miss = NEVER_STORED
         self.last_slow = False
+        self.last_slow_s = 0.0
 
     def _conn(self, i: int):
         if self._conns[i] is None:
@@ -433,7 +453,8 @@ class LookupClient:
         tokens = np.asarray(prompt, dtype="<u4").tobytes()
         msg = json.dumps({"op": "lookup", "req": req_id, "max": max_chunks, "skip": skip,
                           "id": [list(p) for p in identity]}).encode() + b"\0" + tokens
-        hit, self.last_miss, self.last_slow, answers = None, NEVER_STORED, False, []
+        hit, self.last_miss, answers = None, NEVER_STORED, []
+        self.last_slow, self.last_slow_s = False, 0.0
         for i in range(len(self.paths)):
             try:
                 conn = self._conn(i)
@@ -446,6 +467,7 @@ class LookupClient:
                 n, tail = int(reply["hit"]), int(reply.get("tail", 0))
                 miss = tuple(reply.get("miss") or NEVER_STORED)
                 self.last_slow |= bool(reply.get("slow"))
+                self.last_slow_s = max(self.last_slow_s, float(reply.get("slow_s", 0.0)))
             except TimeoutError as e:
                 log.warning("lmcache_lab: lookup on rank %d: %s; counted as a miss", i, e)
                 self.errors += 1

@@ -71,6 +71,19 @@ def servable_tokens(prompt_len: int, chunk_size: int, block_size: int, tails: bo
     return max(0, (n - 1) * chunk_size, (prompt_len - 1) // block_size * block_size)
 
 
+def load_between_steps(load_s: float, others: int, step_s: float) -> bool:
+    """Whether a hit's load should run between engine steps (vLLM's async KV load) rather than
+    in the step that schedules its request (`prefetch: auto`).
+
+    In the step, its `others` requests wait for the load (the forward pass starts after it):
+    they lose `others * load_s` together. Between steps, the step runs at once and the request
+    itself waits about one step longer than its load (its blocks are reported at the end of a
+    step, it is scheduled in the next): it loses about `step_s`. So load between steps when
+    `others * load_s > step_s`; alone in the engine (others == 0) there is nothing to overlap.
+    `load_s` 0 (no slow load measured yet) keeps the load in the step, which measures it."""
+    return others > 0 and others * load_s > step_s
+
+
 @dataclass
 class LoadSpec:
     """Load the request's cached chunks covering tokens [start, end) into `slots`; then release

@@ -5,8 +5,9 @@ Engines (run once per session, on demand; ~5 minutes on 2 cores in all):
   conn32          connector, fp32, chunk 256, CPU + disk tier, vLLM's multi-process layout:
                   cold and warm runs (RUN below), metrics scraped
   restart32       a later process on conn32's disk tier only: hits from
-                  disk; then a stored chunk is corrupted after start-up, so the lookup promises
-                  it and the load fails -> recomputed, counted
+                  disk, loaded between engine steps (prefetch: true, vLLM's async KV load); then a
+                  stored chunk is corrupted after start-up, so the lookup promises it and the
+                  background load fails -> recomputed, counted
   conn16          connector, bf16, on the same disk tier that holds conn32's fp32 chunks of the
                   same prompts: must see none of them, then hit its own
   mid32           connector, fp32, chunk 192 (1.5 blocks): hits that end mid-block
@@ -79,7 +80,7 @@ class Engines:
         self.get("conn32")
         port = self.ports["restart32"]
         cfg = {"chunk_size": 256, "tiers": {"cpu": {"capacity_bytes": 0}, "disk": {"path": self.disk}},
-               "metrics": {"port": port}}
+               "metrics": {"port": port}, "prefetch": True}
         return {"dtype": "float32", "connector": cfg,
                 "ops": [gen(NAMES), {"op": "corrupt", "path": self.disk, "positions": [256]},
                         gen(["long"]), {"op": "scrape", "port": port}]}, False
@@ -144,6 +145,7 @@ def test_metrics_endpoint_counts_hits_and_bytes(engines):
     assert m['lmcache_lab_tier_used_bytes{tier="cpu"}'] == 5 * chunk_bytes + tail_bytes
     assert m["lmcache_lab_load_failures_total"] == 0
     assert m["lmcache_lab_load_seconds_count"] >= 1 and m["lmcache_lab_store_seconds_count"] >= 1
+    assert m["lmcache_lab_background_loaded_tokens_total"] == 0     # memory hits: in the step
 
 
 def test_hits_ending_mid_block(engines):
@@ -170,6 +172,9 @@ def test_chunk_lost_between_lookup_and_load_is_recomputed_and_counted(engines):
     assert tokens(run, 2) == [ref[NAMES.index("long")]]
     m = run["results"][3]
     assert m["lmcache_lab_load_failures_total"] == 1
+    # every hit came from disk between engine steps; the failed one from its first chunk on
+    loaded = sum(cached(run, 0)) + 256
+    assert m["lmcache_lab_background_loaded_tokens_total"] == m["lmcache_lab_hit_tokens_total"] == loaded
     op0 = sum(chunks_read(h, 256) for h in hits(256)[1])
     assert m["lmcache_lab_retrieved_chunks_total"] == op0 + 1       # op0 all, op2 chunk 0 only
     assert m["lmcache_lab_stored_chunks_total"] == 1                # the lost chunk, recomputed
