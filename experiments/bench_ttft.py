@@ -12,8 +12,10 @@ starts with a short warm-up request.
   baseline      no connector: cold TTFT, then the same prompt again (vLLM's APC warm)
   lmcache_cpu   connector, CPU tier: cold TTFT while storing; then per prompt APC warm and, right
                 after, warm from our CPU tier after reset_prefix_cache() (side by side)
-  lmcache_disk  connector, CPU + disk tier: a first process stores, a second process (restart)
-                serves the prompts from disk
+  lmcache_disk  connector, CPU + disk tier: a first process stores (8k first, then 2k: the 2k
+                files are the last ones written, as the ExampleConnector's are, so both restarts
+                find them equally fresh in the page cache), a second process (restart) serves
+                the prompts from disk
   example       vLLM's in-tree ExampleConnector (disk): a first process stores, a second loads
                 (2k only: it crashes on prompts longer than one prefill step)
 
@@ -119,7 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
                                          "ops": cold_ops + warm_pairs
                                          + [{"op": "scrape", "port": ports["cpu"]}]},
                                         work / "lmcache_cpu")
-    results["lmcache_disk_store"] = run_engine({**base, "connector": lm_disk, "ops": cold_ops},
+    results["lmcache_disk_store"] = run_engine({**base, "connector": lm_disk,
+                                                "ops": [warm_up] + each(p8) + each(p2)},
                                                work / "lmcache_disk_store")
     results["lmcache_disk_restart"] = run_engine({**base, "connector": lm_disk_restart,
                                                   "ops": [warm_up] + each(p2) + each(p8)

@@ -22,6 +22,12 @@ spec = {
                               # reset_prefix_cache() before each; sequential: one prompt at a time
                               # without a reset (seconds_each per prompt in both); salt: the
                               # prompts' cache_salt; lora: an adapter directory (LoRARequest)
+    {"op": "concurrent", "reset": true,
+     "requests": [{"prompt": [ids...], "max_tokens": 1, "after_steps": 0}, ...]}
+                              # served together, each submitted once the engine ran after_steps
+                              # steps (after reset_prefix_cache() with reset); per request its
+                              # time to first token (ttft_s), to its end (finish_s), longest wait
+                              # between two tokens (max_gap_s), tokens, num_cached_tokens
     {"op": "reset"},                               # llm.reset_prefix_cache()
     {"op": "scrape", "port": 9100},                # lmcache_lab_* samples from the endpoint
     {"op": "vllm_stats"},                          # vLLM's own counters and gauges (name ->
@@ -224,6 +230,52 @@ def abort_before_load(llm, op: dict, params_of) -> dict:
             "blocker_tokens": list(blocker[0].outputs[0].token_ids) if blocker else None}
 
 
+def concurrent(llm, op: dict, params_of) -> dict:
+    """Serve `op["requests"]` together (after `reset_prefix_cache()` with "reset"): each is
+    submitted once the engine has run its `after_steps` steps, and the engine is stepped until
+    all finish. Per request: seconds from its submission to its first token (ttft_s) and to its
+    last (finish_s), the longest wait between two of its tokens (max_gap_s), tokens,
+    num_cached_tokens; "seconds": until the last one finished."""
+    from vllm.inputs import TokensPrompt
+
+    if op.get("reset"):
+        llm.reset_prefix_cache()
+    engine = llm.llm_engine
+    reqs = op["requests"]
+    t0 = time.perf_counter()
+    ids = [f"concurrent-{t0}-{i}" for i in range(len(reqs))]    # outputs carry these
+    submitted: dict[str, float] = {}
+    last: dict[str, tuple[int, float]] = {}      # request -> (tokens so far, when)
+    gap: dict[str, float] = {}
+    first: dict[str, float] = {}
+    done: dict = {}
+    steps = 0
+    while len(done) < len(reqs):
+        for rid, r in zip(ids, reqs):
+            if rid not in submitted and r.get("after_steps", 0) <= steps:
+                engine.add_request(rid, TokensPrompt(prompt_token_ids=list(r["prompt"])),
+                                   params_of(r.get("max_tokens", 1)))
+                submitted[rid] = last.setdefault(rid, (0, time.perf_counter()))[1]
+        outs = engine.step()
+        steps += 1
+        now = time.perf_counter()
+        for out in outs:
+            n = len(out.outputs[0].token_ids) if out.outputs else 0
+            if n > last[out.request_id][0]:
+                if last[out.request_id][0]:          # a wait between two tokens
+                    gap[out.request_id] = max(gap.get(out.request_id, 0.0),
+                                              now - last[out.request_id][1])
+                first.setdefault(out.request_id, now - submitted[out.request_id])
+                last[out.request_id] = (n, now)
+            if out.finished:
+                done[out.request_id] = out
+    return {"seconds": time.perf_counter() - t0, "ttft_s": [first[r] for r in ids],
+            "finish_s": [last[r][1] - submitted[r] for r in ids],
+            "max_gap_s": [gap.get(r, 0.0) for r in ids],
+            "tokens": [list(done[r].outputs[0].token_ids) for r in ids],
+            "num_cached_tokens": [done[r].num_cached_tokens for r in ids]}
+
+
 def run(spec: dict) -> dict:
     for k, v in CPU_ENV.items():
         os.environ.setdefault(k, v)
@@ -282,6 +334,8 @@ def run(spec: dict) -> dict:
                             "end": time.time(),
                             "tokens": [list(o.outputs[0].token_ids) for o in outs],
                             "num_cached_tokens": [o.num_cached_tokens for o in outs]})
+        elif kind == "concurrent":
+            results.append(concurrent(llm, op, params_of))
         elif kind == "reset":
             results.append(llm.reset_prefix_cache())
         elif kind == "scrape":

@@ -214,3 +214,14 @@ def test_prefetch_is_auto_or_a_boolean(prefetch):
     for bad in ("yes", 1, 0, None):
         with pytest.raises(ValueError, match="prefetch: must be auto, true or false"):
             load_config({"prefetch": bad})
+
+
+def test_wait_returns_once_a_load_is_done():
+    """An idle step waits for the next finished load instead of spinning."""
+    gate = threading.Event()
+    loads = BackgroundLoads(lambda s: (gate.wait(10), set())[1], BS)
+    loads.submit(spec("slow", [1]))
+    threading.Timer(0.05, gate.set).start()
+    loads.wait(30)                                  # returns when "slow" is done (or times out)
+    assert loads.take() == ({"slow"}, set())
+    loads.close()

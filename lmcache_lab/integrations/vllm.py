@@ -84,6 +84,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+IDLE_WAIT_S = 0.02    # longest wait of a step with nothing to compute for a background load
+
 # No table of layouts: `register_kv_caches` derives each engine's from its tensors, attention
 # backend, KV cache spec and resolved KVCacheLayout (`KVLayout.from_vllm`, kernels/layout.py).
 
@@ -95,6 +97,7 @@ class LMCacheLabConnectorMetadata(KVConnectorMetadata):
     stores: list[StoreSpec] = field(default_factory=list)
     release: list[str] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)
+    idle: bool = False      # the step computes nothing (vLLM steps only to poll transfers)
 
 
 @dataclass
@@ -194,7 +197,7 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         self._client: LookupClient | None = None
         self._plan_errors = 0
         self._refused_ids: set[str] = set()      # refused requests counted (once each)
-        self._step_s = 0.0                # moving average of an engine step's wall time
+        self._step_s = 0.0                # wall time of the last engine step that ran requests
         self._step_reqs = 0               # requests the last step scheduled
         self._step_at: float | None = None
         self.trace: TraceWriter | None = None
@@ -298,11 +301,12 @@ class LMCacheLabConnector(KVConnectorBase_V1):
 
     def _time_step(self, scheduled_requests: int) -> None:
         """Called once per engine step: the time since the previous call is that step's wall
-        time (scheduling, forward pass, outputs), unless it scheduled nothing (then idle)."""
+        time (scheduling, forward pass, outputs), unless it scheduled nothing (then idle). The
+        last step predicts the next: a batch changes little from one step to the next, while
+        an average would remember the long prefill steps of requests that are decoding now."""
         now = time.perf_counter()
         if self._step_at is not None and self._step_reqs:
-            dt = now - self._step_at
-            self._step_s = dt if not self._step_s else 0.8 * self._step_s + 0.2 * dt
+            self._step_s = now - self._step_at
         self._step_at, self._step_reqs = now, scheduled_requests
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
@@ -321,7 +325,8 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         plan: StepPlan = self._planner.step(new, cached, scheduler_output.num_scheduled_tokens)
         self.metrics.plan_errors.inc(self._planner.errors - self._plan_errors)
         self._plan_errors = self._planner.errors
-        return LMCacheLabConnectorMetadata(plan.loads, plan.stores, plan.release, plan.finished)
+        return LMCacheLabConnectorMetadata(plan.loads, plan.stores, plan.release, plan.finished,
+                                           idle=not scheduler_output.total_num_scheduled_tokens)
 
     def update_connector_output(self, connector_output: "KVConnectorOutput"):
         meta = connector_output.kv_connector_worker_meta
@@ -530,6 +535,11 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         (`get_block_ids_with_load_errors`, which vLLM calls after this)."""
         if self._background is None:
             return None, None
+        if self.has_connector_metadata() and self._get_connector_metadata().idle:
+            # Nothing to compute: vLLM steps again at once only to ask again. Wait a little for
+            # a load to finish instead of spinning (a spinning step also holds the GIL the
+            # load's thread needs); a request arriving meanwhile waits at most IDLE_WAIT_S.
+            self._background.wait(IDLE_WAIT_S)
         done, invalid = self._background.take()
         self._invalid_blocks |= invalid
         return None, done or None

@@ -39,6 +39,7 @@ class BackgroundLoads:
         self.block_size = block_size
         self._queue: queue.Queue[LoadSpec | None] = queue.Queue()
         self._lock = threading.Lock()          # guards the four sets below
+        self._finished = threading.Condition(self._lock)   # notified when a load is done
         self._pending: dict[str, int] = {}     # req_id -> loads submitted, not yet done
         self._cancelled: set[str] = set()
         self._done: set[str] = set()
@@ -84,6 +85,14 @@ class BackgroundLoads:
                 if not self._pending[spec.req_id]:
                     del self._pending[spec.req_id]
                     self._cancelled.discard(spec.req_id)
+                self._finished.notify_all()
+
+    def wait(self, timeout_s: float) -> None:
+        """Block until a load is done (and not yet taken) or `timeout_s` passed; at once when
+        none is pending."""
+        with self._finished:
+            if self._pending and not self._done:
+                self._finished.wait(timeout_s)
 
     def close(self, timeout_s: float = 10.0) -> None:
         self._queue.put(None)
