@@ -345,8 +345,9 @@ class CacheConfig:
     # vLLM connector: a hit that a slow tier (disk, Redis, S3) holds and the memory tier does not
     # is loaded between engine steps (vLLM's async KV load) while the engine runs other requests:
     # true: always; false: never (loaded in the step that schedules the request, which waits);
-    # auto: when the other requests of a step would wait longer in total than a step lasts
-    # (`vllm_plan.load_between_steps`)
+    # auto: on an accelerator engine, when the other requests of a step would wait longer in
+    # total than a step lasts (`vllm_plan.load_between_steps`); on a CPU engine never (the load
+    # would compete with the forward pass for the same cores)
     prefetch: bool | str = "auto"
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
     trace: TraceConfig = field(default_factory=TraceConfig)

@@ -200,6 +200,10 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         self._step_s = 0.0                # wall time of the last engine step that ran requests
         self._step_reqs = 0               # requests the last step scheduled
         self._step_at: float | None = None
+        # A load between steps overlaps the forward pass only where that runs on an accelerator;
+        # a CPU engine's forward pass uses the host's cores, which the load's reads, checks and
+        # copies would share (measured: docs/redis.md#what-prefetch-buys)
+        self._host_free = vllm_config.device_config.device_type != "cpu"
         self.trace: TraceWriter | None = None
         self._kv_events: list = []                # vLLM events waiting for take_events
         ev = vllm_config.kv_events_config
@@ -297,7 +301,8 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         c, prefetch = self._client, self.config.prefetch
         if not c.last_slow or prefetch is False:
             return False
-        return prefetch is True or load_between_steps(c.last_slow_s, self._step_reqs, self._step_s)
+        return prefetch is True or (self._host_free and load_between_steps(
+            c.last_slow_s, self._step_reqs, self._step_s))
 
     def _time_step(self, scheduled_requests: int) -> None:
         """Called once per engine step: the time since the previous call is that step's wall

@@ -80,7 +80,10 @@ def load_between_steps(load_s: float, others: int, step_s: float) -> bool:
     itself waits about one step longer than its load (its blocks are reported at the end of a
     step, it is scheduled in the next): it loses about `step_s`. So load between steps when
     `others * load_s > step_s`; alone in the engine (others == 0) there is nothing to overlap.
-    `load_s` 0 (no slow load measured yet) keeps the load in the step, which measures it."""
+    `load_s` 0 (no slow load measured yet) keeps the load in the step, which measures it.
+    It assumes the load does not slow the step: true where the forward pass runs on an
+    accelerator; on a CPU engine the load competes for the same cores (the connector then
+    keeps loads in the step)."""
     return others > 0 and others * load_s > step_s
 
 
