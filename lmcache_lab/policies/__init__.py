@@ -1,7 +1,7 @@
 """Eviction policies, selected by name from config (`policy: {name: lfu, ...params}`).
 
-Online: lru, lfu, s3fifo, sieve, arc, cost_aware, hyperbolic, lhd, learned, reuse_rate, exposure_rate. Offline (trace replay
-only, they read the future): belady, belady_prefix.
+Online: lru, lfu, s3fifo, sieve, arc, cost_aware, hyperbolic, lhd, learned, reuse_rate, exposure_rate.
+Offline (trace replay only, they read the future): belady, belady_prefix.
 """
 from lmcache_lab.policies.arc import ARCPolicy
 from lmcache_lab.policies.base import EvictionPolicy
