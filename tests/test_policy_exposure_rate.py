@@ -7,21 +7,15 @@ import pytest
 
 from lmcache_lab.cost import LLAMA3_8B
 from lmcache_lab.experiments.replay import replay, replay_tier
-from lmcache_lab.experiments.trace import TraceRequest
 from lmcache_lab.policies import DEFAULT_SET, REFERENCE, make_policy
 from lmcache_lab.policies.exposure_rate import NEW, segment_bucket
 
-BLOCK = 512 * LLAMA3_8B.kv_bytes_per_token
-
-
-def requests(chains):
-    return [TraceRequest(float(i), 512 * len(c), 1, tuple(c)) for i, c in enumerate(chains)]
+from test_policies_v2 import BLOCK, requests    # the hand-made trace helpers of the v2 policies
 
 
 def run(chains, policy, capacity_blocks):
-    reqs = requests(chains)
-    tier = replay_tier(reqs, policy, capacity_blocks * BLOCK)
-    return replay(reqs, tier, LLAMA3_8B).hit_blocks
+    return replay(requests(chains), replay_tier(requests(chains), policy, capacity_blocks * BLOCK),
+                  LLAMA3_8B).hit_blocks
 
 
 def test_segment_buckets():

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_e2e import chunks_read, free_port, loadable, make_prompts, run_engine
+from vllm_e2e import CPU_BLOCK, chunks_read, free_port, loadable, make_prompts, run_engine
 
 pytestmark = pytest.mark.e2e
 
@@ -108,6 +108,11 @@ def cached(run: dict, op: int) -> list[int]:
 
 
 # --------------------------------------------------------------------------------------- fp32
+def test_expected_hits_use_the_engines_own_block_size(engines):
+    """`loadable` (the expected hits of every test here) assumes CPU_BLOCK: the engine says."""
+    assert engines.get("conn32")["kv_cache"]["block_size"] == CPU_BLOCK
+
+
 def test_fp32_same_tokens_with_and_without_connector(engines):
     ref = tokens(engines.get("ref32"), 0)
     assert all(len(t) == MAX_TOKENS for t in ref)

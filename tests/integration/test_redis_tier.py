@@ -6,8 +6,9 @@ import xxhash
 import pytest
 
 from lmcache_lab.config import CacheConfig, RedisTierConfig
-from lmcache_lab.engine import CacheEngine
 from lmcache_lab.tiers import RedisTier, build_tiers
+
+from shared_engines import check_a_fresh_engine_loads_what_another_stored
 
 pytestmark = pytest.mark.redis
 
@@ -171,21 +172,7 @@ def test_build_tiers_orders_cpu_disk_redis(redis_server, tmp_path):
 
 def test_a_fresh_engine_loads_what_another_engine_stored(redis_server):
     config = {"chunk_size": 16, "tiers": {"cpu": {"capacity_bytes": "1MiB"}, "redis": {"url": redis_server.url}}}
-    tokens = list(range(1000, 1000 + 16 * 4 + 5))
-    kv = [chunk(i)["kv"] for i in range(4)]
-    writer = CacheEngine(config)
-    reader = CacheEngine(config)
-    try:
-        assert writer.store(tokens, kv) == 4
-        assert reader.lookup(tokens) == 64
-        got = reader.retrieve(tokens)
-        assert len(got) == 4 and all(torch.equal(g, k) for g, k in zip(got, kv))
-        assert reader.tiers[-1].stats.hits == 4
-        reader.retrieve(tokens)   # now served by the reader's CPU tier (promoted)
-        assert reader.tiers[-1].stats.hits == 4 and reader.tiers[0].stats.hits == 4
-    finally:
-        writer.close()
-        reader.close()
+    check_a_fresh_engine_loads_what_another_stored(config, [chunk(i)["kv"] for i in range(4)])
 
 
 def test_large_batches_go_in_bounded_pipelines_small_ones_share_one(redis_server, monkeypatch):

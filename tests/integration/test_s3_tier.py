@@ -14,6 +14,8 @@ from lmcache_lab.config import S3TierConfig, load_config
 from lmcache_lab.tiers import build_tiers
 from lmcache_lab.tiers.s3 import S3Tier, S3TierError
 
+from shared_engines import check_a_fresh_engine_loads_what_another_stored
+
 pytestmark = pytest.mark.timeout(60)
 
 SHAPE = (2, 2, 16, 64)  # 8 KiB in bf16
@@ -230,27 +232,13 @@ def test_a_fresh_engine_loads_what_another_engine_stored(s3_server):
 
     config = {"chunk_size": 16, "tiers": {"cpu": {"capacity_bytes": "1MiB"}, "s3": {
         "url": "s3://cache/engines", "endpoint_url": s3_server.endpoint_url, "backoff_max_s": 0.2}}}
-    tokens = list(range(1000, 1000 + 16 * 4 + 5))
-    kv = [chunk(i)["kv"] for i in range(4)]
-    writer = CacheEngine(config)
-    reader = CacheEngine(config)
+    tokens = check_a_fresh_engine_loads_what_another_stored(config, [chunk(i)["kv"] for i in range(4)])
+    s3_server.kill()          # the store goes away: a fresh engine only misses
+    third = CacheEngine(config)
     try:
-        assert writer.store(tokens, kv) == 4
-        assert reader.lookup(tokens) == 64
-        got = reader.retrieve(tokens)
-        assert len(got) == 4 and all(torch.equal(g, k) for g, k in zip(got, kv))
-        assert reader.tiers[-1].stats.hits == 4
-        reader.retrieve(tokens)   # now served by the reader's CPU tier (promoted)
-        assert reader.tiers[-1].stats.hits == 4 and reader.tiers[0].stats.hits == 4
-        s3_server.kill()          # the store goes away: a fresh engine only misses
-        third = CacheEngine(config)
-        try:
-            assert third.lookup(tokens) == 0 and third.retrieve(tokens) == []
-        finally:
-            third.close()
+        assert third.lookup(tokens) == 0 and third.retrieve(tokens) == []
     finally:
-        writer.close()
-        reader.close()
+        third.close()
 
 
 def test_values_are_authenticated_with_a_store_secret(make_tier, s3_server):
