@@ -121,6 +121,22 @@ def test_answer_counts_the_pinned_chunks_no_memory_tier_holds(tmp_path):
     restarted.close()
 
 
+def test_without_slow_hits_the_answer_counts_none(tmp_path):
+    """Where no load may run between steps (a CPU engine with `prefetch: auto`, or `false`), the
+    worker neither counts slow chunks nor times their reads."""
+    tokens = np.arange(40)
+    cache = disk_cache(tmp_path)
+    cache.answer("w", tokens, 0, 0)
+    for i in range(3):
+        cache.write(cache.keys["w"], i, chunk(i))
+    cache.close()
+    restarted = WorkerCache(CacheEngine(load_config({"chunk_size": CS, "tiers": {
+        "disk": {"path": str(tmp_path)}}}), namespace=Namespace(model="m")), slow_hits=False)
+    assert restarted.answer("e", tokens, 4, 0)[::3] == (3, 0)
+    assert len(restarted.read("e", 0, 3)) == 3 and restarted.slow_chunk_s == 0.0
+    restarted.close()
+
+
 @pytest.mark.parametrize("load_s,others,step_s,between", [
     (0.2, 0, 0.01, False),      # alone in the engine: nothing to overlap
     (0.0, 8, 0.01, False),      # no slow load measured yet: measure one in the step

@@ -434,11 +434,16 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         self._stores_here = self._layout.v is not None or tp_rank == 0
         # events once per chunk: tensor rank 0 speaks for the ranks' shards
         tail = self._layout.block_size if tail_chunks(self.config, self._layout.block_size) else 0
+        # background loads only where the scheduler may ask for them (`_between_steps`)
+        prefetch = self.config.prefetch
+        background = self.load_enabled and (prefetch is True or prefetch == "auto"
+                                            and self._layers[0].device.type != "cpu")
         self._cache = WorkerCache(CacheEngine(self.config, namespace=ns),
-                                  events=self._events_enabled and tp_rank == 0, tail_block=tail)
+                                  events=self._events_enabled and tp_rank == 0, tail_block=tail,
+                                  slow_hits=background)
         self._cache.serve(path, self._authkey)
         atexit.register(self._cache.close)
-        if self.config.prefetch and self.load_enabled:
+        if background:
             self._background = BackgroundLoads(self._load_between_steps, self._layout.block_size)
         log.info("lmcache_lab: %s layout (%s chunks), %d layers, chunk_size %d, tiers %s, "
                  "namespace %s", self._layout.name,

@@ -72,12 +72,16 @@ def socket_path(endpoint: str, rank: int) -> str:
 class WorkerCache:
     """The worker's cache: engine + per-request keys and pins + write-behind + lookup server."""
 
-    def __init__(self, engine: CacheEngine, events: bool = False, tail_block: int = 0):
+    def __init__(self, engine: CacheEngine, events: bool = False, tail_block: int = 0,
+                 slow_hits: bool = True):
         """`events`: collect chunk stores and evictions for vLLM's KV events (`take_events`).
         `tail_block`: the engine's block size when tail chunks (a prompt's whole blocks past its
-        last full chunk, `ChunkKeyer.tail_key`) are served and stored; 0: off."""
+        last full chunk, `ChunkKeyer.tail_key`) are served and stored; 0: off. `slow_hits`: tell
+        the scheduler which hits only a slow tier holds, and measure their reads (where hits may
+        load between engine steps, config `prefetch`); else the answer's slow count is 0."""
         self.engine = engine
         self.tail_block = tail_block
+        self.slow_hits = slow_hits
         self.lock = threading.Lock()                # guards keys, pins and the counters below
         self.keys: dict[str, list[bytes]] = {}      # req_id -> keys of its full prompt chunks
         self.pins: dict[str, list[bytes]] = {}      # req_id -> keys pinned for its load
@@ -145,7 +149,7 @@ class WorkerCache:
         and how many chunks it pinned no memory tier holds (their load reads a slow tier)."""
         hit, tail, keys, pinned = self._lookup(req_id, tokens, max_chunks, skip, identity)
         miss = self.ghost.why(keys[hit]) if hit < min(max_chunks, len(keys)) else NEVER_STORED
-        return hit, tail, miss, self._slow_count(pinned)
+        return hit, tail, miss, self._slow_count(pinned) if self.slow_hits else 0
 
     def _slow_count(self, keys: Sequence[bytes]) -> int:
         """How many of `keys` no memory tier holds."""
@@ -247,7 +251,7 @@ class WorkerCache:
             if keys is None or len(keys) < last:
                 self.engine.count(load_failures=1)
                 return []
-            slow = self._slow_count(keys[first:last])
+            slow = self._slow_count(keys[first:last]) if self.slow_hits else 0
             t0 = time.perf_counter()
             chunks = self.engine.retrieve_keyed(keys[:last], first, touch_tiers=self.fast, into=into)
             if slow and len(chunks) == last - first:
