@@ -91,7 +91,7 @@ class WorkerCache:
         self.slow = [i for i, t in enumerate(engine.tiers) if not isinstance(t, MemoryTier)]
         self.deltas = DeltaTracker()
         # seconds a load spent per chunk read from a slow tier (moving average over loads; 0
-        # until one was measured): `slow_seconds` estimates a load's cost from it
+        # until one was measured): the lookup answer estimates a hit's slow read time from it
         self.slow_chunk_s = 0.0
         self.counters = {"store_failures": 0, "loaded_tokens": 0, "failed_load_tokens": 0,
                          "background_loaded_tokens": 0}
