@@ -9,7 +9,9 @@ import pandas as pd
 import pytest
 
 from lmcache_lab.experiments.engine_report import build_report, save_run
-from lmcache_lab.experiments.engine_run import ArmResult, Record, arm_summary, percentiles
+from lmcache_lab.config import load_config
+from lmcache_lab.experiments.engine_run import (ArmResult, ArmSpec, Record, arm_summary, check_repeats,
+                                             percentiles, run_passes, speedups)
 
 
 def records(arm, ttfts, prompt=1000, cached=0):
@@ -86,3 +88,68 @@ def test_sweep_runs_combine_into_one_report(tmp_path):
 def test_report_of_an_empty_dir_fails_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="no summary.json"):
         build_report(tmp_path)
+
+
+class PassDriver:
+    """A driver that answers every arm at once and remembers the order engines were started in."""
+
+    def __init__(self):
+        self.calls = []
+
+    def run_arm(self, arm, requests, workdir, progress):
+        self.calls.append((arm.name, workdir.name))
+        k = sum(1 for name, _ in self.calls if name == arm.name)          # this arm's pass, from 1
+        ttft = {"cold": 900.0, "engine_cache": 100.0, "lmcache_lab": 100.0 + 10 * k}[arm.name]
+        metrics = {"lmcache_lab_hit_tokens_total": 500.0} if arm.name == "lmcache_lab" else {}
+        return ArmResult(records(arm.name, [ttft] * 4), float(k), metrics)
+
+
+def test_passes_rotate_arms_and_pool_them(tmp_path):
+    arms = [ArmSpec("cold", False), ArmSpec("engine_cache", True), ArmSpec("lmcache_lab", False)]
+    driver = PassDriver()
+    results = run_passes(driver, arms, [], tmp_path, 3, progress=False)
+    assert [name for name, _ in driver.calls] == ["cold", "engine_cache", "lmcache_lab",
+                                                  "engine_cache", "lmcache_lab", "cold",
+                                                  "lmcache_lab", "cold", "engine_cache"]
+    assert [w for _, w in driver.calls] == ["repeat0"] * 3 + ["repeat1"] * 3 + ["repeat2"] * 3
+    lab = results["lmcache_lab"]
+    assert [r.repeat for r in lab.records] == [0] * 4 + [1] * 4 + [2] * 4
+    assert lab.startup_s == 2.0 and lab.connector_metrics == {"lmcache_lab_hit_tokens_total": 1500.0}
+    summary = {name: arm_summary(res) for name, res in results.items()}
+    assert summary["lmcache_lab"]["ttft_p50_ms_per_repeat"] == [110.0, 120.0, 130.0]
+    assert summary["lmcache_lab"]["ttft_ms"]["p50"] == 120.0                 # pooled
+    ratios = speedups(summary)
+    assert ratios["speedup_p50_vs_engine_cache"] == pytest.approx(100 / 120)
+    assert ratios["speedup_p50_vs_engine_cache_per_repeat"] == pytest.approx([100 / 110, 100 / 120, 100 / 130])
+    assert ratios["speedup_p50_vs_cold_per_repeat"] == pytest.approx([900 / 110, 900 / 120, 900 / 130])
+    one = run_passes(PassDriver(), arms, [], tmp_path, 1, progress=False)
+    assert "ttft_p50_ms_per_repeat" not in arm_summary(one["lmcache_lab"])
+    assert "speedup_p50_vs_cold_per_repeat" not in speedups({k: arm_summary(v) for k, v in one.items()})
+
+
+@pytest.mark.parametrize("repeats", [0, -1, 1.5, "2", True])
+def test_repeats_must_be_a_positive_integer(repeats):
+    with pytest.raises(ValueError, match="repeats"):
+        check_repeats(repeats, load_config({}))
+
+
+def test_repeats_refuse_tiers_that_outlive_an_engine(tmp_path):
+    disk = load_config({"tiers": {"disk": {"path": str(tmp_path)}}})
+    assert check_repeats(1, disk) == 1
+    with pytest.raises(ValueError, match=r"\['disk'\]"):
+        check_repeats(2, disk)
+    assert check_repeats(3, load_config({})) == 3
+
+
+def test_report_of_several_passes(tmp_path):
+    arms = [ArmSpec("cold", False), ArmSpec("engine_cache", True), ArmSpec("lmcache_lab", False)]
+    results = run_passes(PassDriver(), arms, [], tmp_path, 2, progress=False)
+    arm_sums = {k: arm_summary(v) for k, v in results.items()}
+    summary = {"experiment": "engine", "engine": "vllm", "model": "tiny_llama", "workload": "multi_round_qa",
+               "policy": "lru", "capacity_bytes": 2**30, "chunk_size": 256, "arms": arm_sums,
+               **speedups(arm_sums), "repeats": 2}
+    save_run(tmp_path, summary, [r for v in results.values() for r in v.records])
+    md = (tmp_path / "report.md").read_text()
+    assert "2 passes per arm" in md and "| 1 | 900.0 | 100.0 | 120.0 |" in md
+    df = pd.read_csv(tmp_path / "requests.csv")
+    assert sorted(df["repeat"].unique()) == [0, 1] and len(df) == 24
