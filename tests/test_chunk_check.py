@@ -1,11 +1,12 @@
 """Checks on chunk values read back from a shared store (no server needed)."""
 from __future__ import annotations
 
+import pytest
 import torch
 import xxhash
 
 from lmcache_lab import wire
-from lmcache_lab.tiers.chunk_check import check_value, layout_nbytes, layout_of, value_cap
+from lmcache_lab.tiers.chunk_check import LayoutGuard, check_value, layout_nbytes, layout_of, value_cap, within
 
 KEY = b"\x07" * 16
 KV = {"kv": torch.arange(2 * 4 * 8, dtype=torch.float32).reshape(2, 4, 8).bfloat16()}
@@ -74,3 +75,40 @@ def test_with_a_mac_key_only_values_written_with_it_pass():
 def test_a_reader_without_a_mac_key_refuses_tagged_values():
     tensors, why = check_value(bytes(wire.encode(KEY, KV, mac_key=MAC)), KEY, value_cap(LAYOUT, 0), LAYOUT)
     assert tensors is None and why.startswith("has a MAC")
+
+
+FULL = (("kv", "float32", (6, 2, 65536)),)
+
+
+@pytest.mark.parametrize("layout, ok", [
+    (FULL, True),
+    ((("kv", "float32", (6, 1, 65536)),), True),          # a tail: fewer blocks
+    ((("kv", "float32", (6, 3, 65536)),), False),         # wider than a chunk
+    ((("kv", "float32", (6, 0, 65536)),), False),         # empty
+    ((("kv", "float32", (5, 1, 65536)),), False),         # shorter along two axes
+    ((("kv", "bfloat16", (6, 1, 65536)),), False),        # another dtype
+    ((("k", "float32", (6, 1, 65536)),), False),          # another tensor
+    ((("kv", "float32", (6, 1, 65536, 1)),), False),      # another rank
+    (FULL + FULL, False),                                 # more tensors
+])
+def test_a_tail_is_the_full_layout_shorter_along_one_axis(layout, ok):
+    assert within(layout, FULL) is ok
+
+
+def test_the_guard_learns_the_widest_of_its_own_writes_unless_fixed():
+    tail, full = {"kv": torch.zeros(6, 1, 8)}, {"kv": torch.zeros(6, 2, 8)}
+    g = LayoutGuard()
+    assert g.refuse_write(tail) is None and g.layout == layout_of(tail)
+    assert g.refuse_write(full) is None and g.layout == layout_of(full)    # widened
+    assert g.refuse_write(tail) is None and g.layout == layout_of(full)
+    assert "not a chunk of" in g.refuse_write({"kv": torch.zeros(5, 1, 8)})
+    assert g.cap(1000) == value_cap(layout_of(full), 1000)
+    fixed = LayoutGuard(full)
+    assert fixed.cap(1000) == value_cap(layout_of(full), 1000)
+    assert fixed.refuse_write(tail) is None and fixed.layout == layout_of(full)
+    assert "not a chunk of" in fixed.refuse_write({"kv": torch.zeros(6, 3, 8)})
+    key = b"k" * 16
+    tensors, why = fixed.check(bytes(wire.encode(key, tail)), key, fixed.cap(1000))
+    assert why is None and torch.equal(tensors["kv"], tail["kv"])
+    tensors, why = fixed.check(bytes(wire.encode(key, {"kv": torch.zeros(6, 3, 8)})), key, 10**6)
+    assert tensors is None and "not a chunk of" in why

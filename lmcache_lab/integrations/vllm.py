@@ -66,6 +66,7 @@ from lmcache_lab.integrations.vllm_plan import (LoadSpec, Planner, StepPlan, Sto
 from lmcache_lab.integrations.vllm_stats import LMCacheLabPromMetrics, LMCacheLabStats, kv_events
 from lmcache_lab.integrations.vllm_support import unsupported_spec_reason
 from lmcache_lab.keys import ChunkKeyer, Namespace
+from lmcache_lab.tiers.remote import RemoteTier
 from lmcache_lab.kernels.blocks import block_buffers, block_records, gather_blocks, scatter_blocks
 from lmcache_lab.kernels.layout import KVLayout, UnsupportedLayout
 from lmcache_lab.kernels.paged import gather, scatter
@@ -144,12 +145,10 @@ def make_namespace(vllm_config: "VllmConfig", config: CacheConfig, layout: KVLay
 
 def tail_chunks(config: CacheConfig, block_size: int) -> bool:
     """Whether a prompt's whole blocks past its last full chunk are kept as a tail chunk: asked
-    for (`tail_blocks`), stored as they are (codec none), whole blocks of a chunk, and no shared
-    remote tier (Redis and S3 accept one chunk layout per tier, learned from the first value, and
-    refuse values of any other shape as damaged: a tail is shorter)."""
-    remote = config.tiers.redis.url is not None or config.tiers.s3.url is not None
-    return (config.tail_blocks and config.codec == "none" and not remote
-            and config.chunk_size % block_size == 0)
+    for (`tail_blocks`), stored as they are (codec none) and whole blocks of a chunk. Shared
+    tiers (Redis, S3) keep tails too: they accept a chunk's layout shorter along its block axis
+    (`chunk_check.LayoutGuard`)."""
+    return config.tail_blocks and config.codec == "none" and config.chunk_size % block_size == 0
 
 
 def refuse_literal_secret(extra: dict) -> None:
@@ -438,8 +437,9 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         prefetch = self.config.prefetch
         background = self.load_enabled and (prefetch is True or prefetch == "auto"
                                             and self._layers[0].device.type != "cpu")
-        self._cache = WorkerCache(CacheEngine(self.config, namespace=ns),
-                                  events=self._events_enabled and tp_rank == 0, tail_block=tail,
+        engine = CacheEngine(self.config, namespace=ns)
+        self._expect_chunks(engine)
+        self._cache = WorkerCache(engine, events=self._events_enabled and tp_rank == 0, tail_block=tail,
                                   slow_hits=background)
         self._cache.serve(path, self._authkey)
         atexit.register(self._cache.close)
@@ -450,6 +450,18 @@ class LMCacheLabConnector(KVConnectorBase_V1):
                  "block-native" if self._block_native else "token-major",
                  self._layout.num_layers, self.config.chunk_size,
                  [t.name for t in self._cache.engine.tiers], ns)
+
+    def _expect_chunks(self, engine: CacheEngine) -> None:
+        """Tell the shared tiers (Redis, S3) this worker's full chunk as stored (a chunk of the
+        engine's blocks 0.., through the codec): they then accept exactly that layout or a tail of
+        it, read with an exact size cap, whichever chunk this or another engine wrote first."""
+        shared = [t for t in engine.tiers if isinstance(t, RemoteTier)]
+        cs = self.config.chunk_size
+        if not shared or self._layout.num_blocks * self._layout.block_size < cs:
+            return      # (a cache smaller than one chunk never stores one)
+        example = engine.codec.encode(self._gather(torch.arange(cs, device=self._layers[0].device)))
+        for tier in shared:
+            tier.expect_layout(example)
 
     def _describe_caches(self, kv_caches: dict[str, torch.Tensor]) -> str:
         ctx = self._vllm_config.compilation_config.static_forward_context

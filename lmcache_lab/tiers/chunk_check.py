@@ -9,11 +9,13 @@ accepted only if:
   * with the store's MAC key, its tag proves it was written by a holder of the same store secret
     (checked before the header is parsed);
   * its header names the key it was read under;
-  * its tensors have the expected layout (names, dtypes, shapes), when one is known.
+  * its tensors have the expected layout (names, dtypes, shapes), when one is known, or are a
+    shorter chunk of it (a tail chunk: fewer blocks or tokens along one axis, `within`).
 """
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 
@@ -54,3 +56,65 @@ def check_value(data: bytes, key: bytes, cap: int, layout: Layout | None, mac_ke
     if layout is not None and layout_of(tensors) != layout:
         return None, f"layout {layout_of(tensors)} differs from the expected {layout}"
     return tensors, None
+
+
+def within(layout: Layout, full: Layout) -> bool:
+    """True when `layout` is `full`, or a shorter chunk of the same kind: the same tensors (names,
+    dtypes, ranks), each of the same shape or shorter along one axis. A tail chunk (a prompt's
+    whole blocks past its last full chunk) is such a chunk: fewer blocks or tokens, nothing else."""
+    if len(layout) != len(full):
+        return False
+    for (name, dtype, shape), (full_name, full_dtype, full_shape) in zip(layout, full):
+        if name != full_name or dtype != full_dtype or len(shape) != len(full_shape):
+            return False
+        shorter = [(n, f) for n, f in zip(shape, full_shape) if n != f]
+        if len(shorter) > 1 or any(not 0 < n < f for n, f in shorter):
+            return False
+    return True
+
+
+class LayoutGuard:
+    """The chunk layout a shared tier writes and accepts: fixed by `expect` (the connector tells
+    its full chunk), else learned from this instance's own writes and widened by them (a tail
+    chunk written first is a shorter chunk of the same kind, `within`). A value is accepted when
+    it is `within` the known layout; once a layout is known, reads are capped at its exact size.
+    An instance that was never told the full layout and has written only tails refuses full
+    chunks as foreign: tiers under the connector are always told. Thread-safe."""
+
+    def __init__(self, expected: dict[str, torch.Tensor] | None = None):
+        self._lock = threading.Lock()
+        self.layout: Layout | None = layout_of(expected) if expected else None
+        self.fixed = expected is not None
+
+    def expect(self, example: dict[str, torch.Tensor]) -> None:
+        with self._lock:
+            self.layout, self.fixed = layout_of(example), True
+
+    def accepts(self, layout: Layout) -> bool:
+        known = self.layout
+        return known is None or within(layout, known)
+
+    def refuse_write(self, value: dict[str, torch.Tensor]) -> str | None:
+        """Why `value` must not be written (None: write it; an unfixed layout learns from it)."""
+        layout = layout_of(value)
+        with self._lock:
+            if self.layout is None or (not self.fixed and within(self.layout, layout)):
+                self.layout = layout    # learned from our own data: trusted
+            elif not within(layout, self.layout):
+                return f"layout {layout} is not a chunk of {self.layout}; reads would refuse it"
+        return None
+
+    def cap(self, max_payload: int) -> int:
+        return value_cap(self.layout, max_payload)
+
+    def chunk_nbytes(self) -> int | None:
+        """Bytes of a full chunk's payload, when known."""
+        return layout_nbytes(self.layout) if self.layout else None
+
+    def check(self, data: bytes, key: bytes, cap: int, mac_key: bytes | None = None
+              ) -> tuple[dict[str, torch.Tensor] | None, str | None]:
+        """`check_value` with this guard's layouts (`cap`: from `cap()`, as the read used)."""
+        tensors, why = check_value(data, key, cap, None, mac_key)
+        if tensors is not None and not self.accepts(layout_of(tensors)):
+            return None, f"layout {layout_of(tensors)} is not a chunk of {self.layout}"
+        return tensors, why

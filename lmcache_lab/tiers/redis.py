@@ -17,8 +17,9 @@ Invariants:
     so a hostile value cannot size an allocation) see chunks written by any instance.
   * `get` returns only values that pass `chunk_check.check_value`: the wire format (magic,
     version, checksum), the requested key, the MAC when the tier has a `mac_key` (store secret),
-    and the chunk layout when known (learned from this instance's own writes or set by
-    `expect_layout`). Anything else is a counted miss (`stats.corrupt`) and is deleted, so the
+    and the chunk layout when known (set by `expect_layout`, or learned from this instance's own
+    writes), a tail chunk being the same layout shorter along one axis (`LayoutGuard`).
+    Anything else is a counted miss (`stats.corrupt`) and is deleted, so the
     next store rewrites it. Nothing read from Redis is ever unpickled.
   * With a `mac_key`, every value written carries the MAC (`wire.prepare`).
   * No Redis fault reaches the caller after start-up: a timeout or connection error on an endpoint
@@ -46,10 +47,10 @@ from redis.exceptions import OutOfMemoryError
 
 from lmcache_lab import wire
 from lmcache_lab.config import RedisTierConfig
-from lmcache_lab.tiers.base import Key, TierStats, payload_nbytes
+from lmcache_lab.tiers.base import Key, TierStats
 from lmcache_lab.tiers.breaker import Breaker
 from lmcache_lab.tiers.remote import RemoteTier
-from lmcache_lab.tiers.chunk_check import Layout, check_value, layout_nbytes, layout_of, value_cap
+from lmcache_lab.tiers.chunk_check import LayoutGuard
 from lmcache_lab.tiers.redis_client import (SERVER, UNROUTED, Backend, Buffers, RedisTierError, is_moved,
                                             redact, startup_error)
 
@@ -98,7 +99,7 @@ class RedisTier(RemoteTier):
         self.stats = RedisTierStats()
         self.mac_key = mac_key   # `wire.mac_key(store secret)`: values written and read are authenticated
         self._prefix = f"{config.key_prefix}:v{wire.VERSION}:"
-        self._layout: Layout | None = layout_of(expected) if expected else None
+        self.layouts = LayoutGuard(expected)
         self._oom_logged = False
         self.backend = Backend(config)
         self.breaker = Breaker(f"redis tier {redact(config.url)}", max_s=config.backoff_max_s)
@@ -138,13 +139,8 @@ class RedisTier(RemoteTier):
     def redis_key(self, key: bytes) -> bytes:
         return (self._prefix + key.hex()).encode()
 
-    def expect_layout(self, example: dict[str, torch.Tensor]) -> None:
-        """Fix the chunk layout (tensor names, dtypes, shapes): values that differ are misses and
-        the read cap becomes the exact chunk size. Learned from the first write otherwise."""
-        self._layout = layout_of(example)
-
     def _max_value_bytes(self) -> int:
-        return value_cap(self._layout, self.config.max_chunk_bytes)
+        return self.layouts.cap(self.config.max_chunk_bytes)
 
     @property
     def available(self) -> bool:
@@ -203,7 +199,7 @@ class RedisTier(RemoteTier):
         """Verified values (or None) for `keys`: pipelined GETRANGEs, one pipeline per endpoint
         per PIPELINE_BYTES of expected chunk data, and at least two chunks per pipeline."""
         cap = self._max_value_bytes()
-        expected = layout_nbytes(self._layout) if self._layout else GUESS_CHUNK_BYTES
+        expected = self.layouts.chunk_nbytes() or GUESS_CHUNK_BYTES
         step = max(2, PIPELINE_BYTES // max(expected, 1))   # 2+: the server sends one while we check one
         out: list[dict[str, torch.Tensor] | None] = []
         for start in range(0, len(keys), step):
@@ -238,7 +234,7 @@ class RedisTier(RemoteTier):
                 return None
             why = "not a string value"
         else:
-            tensors, why = check_value(data, key, cap, self._layout, self.mac_key)
+            tensors, why = self.layouts.check(data, key, cap, self.mac_key)
             if tensors is not None:
                 return tensors
         self.stats.corrupt += 1
@@ -269,14 +265,6 @@ class RedisTier(RemoteTier):
             self._set_batch(items, batch, ok)
         return ok
 
-    def _refuse_write(self, value: dict[str, torch.Tensor]) -> str | None:
-        layout = layout_of(value)
-        if payload_nbytes(value) > self.config.max_chunk_bytes:
-            return f"larger than max_chunk_bytes={self.config.max_chunk_bytes}"
-        if self._layout is not None and layout != self._layout:
-            return f"layout {layout} differs from {self._layout}; reads would refuse it"
-        self._layout = self._layout or layout  # learned from our own data: trusted
-        return None
 
     def _set_batch(self, items, batch: list[tuple[int, wire.Encoding]], ok: list[bool]) -> None:
         values = [Buffers(enc.parts()) for _, enc in batch]

@@ -7,14 +7,16 @@ operations of `BudgetedTier` are built on them here, so both stores keep the sam
 parent would be an orphan).
 
 Every batch operation a subclass defines is timed into `op_times` ("lookup", "get", "put"), here
-and nowhere else, so every remote store reports the same latency histograms.
+and nowhere else, so every remote store reports the same latency histograms. Both check chunk
+layouts the same way too (`layouts`, a `LayoutGuard` the subclass creates).
 """
 from __future__ import annotations
 
 import functools
 from typing import Any, Callable, Sequence
 
-from lmcache_lab.tiers.base import BudgetedTier, Key
+from lmcache_lab.tiers.base import BudgetedTier, Key, payload_nbytes
+from lmcache_lab.tiers.chunk_check import LayoutGuard
 
 
 def leading(flags) -> int:
@@ -39,6 +41,8 @@ def _timed(op: str, method: Callable) -> Callable:
 
 
 class RemoteTier(BudgetedTier):
+    layouts: LayoutGuard        # the chunk layouts written and accepted (set by the subclass)
+
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         for name, op in TIMED.items():
@@ -47,6 +51,18 @@ class RemoteTier(BudgetedTier):
 
     def exists_many(self, keys: Sequence[Key]) -> list[bool]:
         raise NotImplementedError
+
+    def expect_layout(self, example: dict[str, Any]) -> None:
+        """Fix the full chunk's layout (tensor names, dtypes, shapes): values that are neither it
+        nor a shorter chunk of it (a tail) are misses, and the read cap becomes its exact size.
+        Learned from this instance's writes otherwise (`LayoutGuard`)."""
+        self.layouts.expect(example)
+
+    def _refuse_write(self, value: dict[str, Any]) -> str | None:
+        """Why a value must not be written (None: write it)."""
+        if payload_nbytes(value) > self.config.max_chunk_bytes:
+            return f"larger than max_chunk_bytes={self.config.max_chunk_bytes}"
+        return self.layouts.refuse_write(value)
 
     def put_many(self, items: Sequence[tuple[Key, Any, Key | None, int]]) -> list[bool]:
         """Store (key, value, parent, position) items; per item whether it is stored after."""

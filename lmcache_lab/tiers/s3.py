@@ -16,9 +16,9 @@ Invariants:
   * A chain of chunks moves concurrently: `get_many`, `put_many`/`put_chain` and `exists_many`
     run one request per chunk on a thread pool over one shared connection pool (`max_connections`).
   * `get` returns only values that pass `chunk_check.check_value` (wire format, requested key,
-    learned layout, size cap, and the MAC when the tier has a `mac_key`: a store secret). An object
-    larger than the cap is not downloaded. Anything invalid is a counted miss (`stats.corrupt`) and
-    is deleted, so the next store rewrites it.
+    chunk layout or a tail of it (`LayoutGuard`), size cap, and the MAC when the tier has a
+    `mac_key`: a store secret). An object larger than the cap is not downloaded. Anything invalid
+    is a counted miss (`stats.corrupt`) and is deleted, so the next store rewrites it.
   * No fault reaches the caller after start-up: a network error or timeout counts in
     `stats.errors` (`stats.timeouts`), answers as a miss and opens the breaker; requests then skip
     the store at once (`stats.skipped`) while a background probe (HEAD bucket) reconnects with
@@ -45,10 +45,10 @@ import torch
 
 from lmcache_lab import wire
 from lmcache_lab.config import S3TierConfig
-from lmcache_lab.tiers.base import Key, TierStats, payload_nbytes
+from lmcache_lab.tiers.base import Key, TierStats
 from lmcache_lab.tiers.breaker import Breaker
 from lmcache_lab.tiers.remote import RemoteTier
-from lmcache_lab.tiers.chunk_check import Layout, check_value, layout_of, value_cap
+from lmcache_lab.tiers.chunk_check import LayoutGuard
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class S3Tier(RemoteTier):
         self.lock = contextlib.nullcontext()   # thread-safe by itself (see the invariants)
         self.bucket = config.bucket
         self._prefix = f"{config.prefix}v{wire.VERSION}/"
-        self._layout: Layout | None = layout_of(expected) if expected else None
+        self.layouts = LayoutGuard(expected)
         self._stats_lock = threading.Lock()
         self._nobjects, self._count_at, self._counting = 0, -math.inf, False
         import botocore.exceptions as bex
@@ -155,12 +155,8 @@ class S3Tier(RemoteTier):
     def object_key(self, key: bytes) -> str:
         return self._prefix + key.hex()
 
-    def expect_layout(self, example: dict[str, torch.Tensor]) -> None:
-        """Fix the chunk layout: values that differ are misses and the read cap is the exact size."""
-        self._layout = layout_of(example)
-
     def _cap(self) -> int:
-        return value_cap(self._layout, self.config.max_chunk_bytes)
+        return self.layouts.cap(self.config.max_chunk_bytes)
 
     # ---- the concurrent core ----------------------------------------------------------------------------
     def _count(self, **deltas: int) -> None:
@@ -226,7 +222,7 @@ class S3Tier(RemoteTier):
 
         data = self._call(fetch)
         if isinstance(data, bytes) and data:
-            tensors, why = check_value(data, key, cap, self._layout, self.mac_key)
+            tensors, why = self.layouts.check(data, key, cap, self.mac_key)
             if tensors is not None:
                 self._count(hits=1, bytes_read=len(data))
                 return tensors
@@ -262,15 +258,6 @@ class S3Tier(RemoteTier):
             return True
         return self._map(put, list(items))
 
-    def _refuse_write(self, value: dict[str, torch.Tensor]) -> str | None:
-        layout = layout_of(value)
-        if payload_nbytes(value) > self.config.max_chunk_bytes:
-            return f"larger than max_chunk_bytes={self.config.max_chunk_bytes}"
-        with self._stats_lock:
-            if self._layout is not None and layout != self._layout:
-                return f"layout {layout} differs from {self._layout}; reads would refuse it"
-            self._layout = self._layout or layout   # learned from our own data: trusted
-        return None
 
     # ---- the tier interface -----------------------------------------------------------------------------
     def touch(self, chain: Sequence[Key]) -> None:

@@ -32,10 +32,10 @@ def test_second_engine_process_gets_hits_through_redis_and_the_same_tokens(tiny_
                          "reset_each": True}]}
         first = run_engine(spec, False, tmp_path / "first")["results"][0]
         stored = int(server.cli("DBSIZE"))
-        assert stored == 5                  # long 2 chunks, diverge 1 new, exact 2 (no tails: remote)
+        assert stored == 6                  # long 2 chunks + a 1-block tail, diverge 1 new, exact 2
         second = run_engine(spec, False, tmp_path / "second")["results"][0]
-        assert second["num_cached_tokens"] == [loadable(len(PROMPTS[n]), CHUNK, tails=False)
-                                               for n in NAMES] == [512, 512, 384, 0]
+        assert second["num_cached_tokens"] == [loadable(len(PROMPTS[n]), CHUNK)
+                                               for n in NAMES] == [640, 512, 384, 0]
         assert second["tokens"] == first["tokens"]
         assert first["num_cached_tokens"] == [0, 256, 0, 0]   # diverge shares long's first chunk
     finally:

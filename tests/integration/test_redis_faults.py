@@ -130,7 +130,8 @@ PLANTED = {
     "pickle": lambda: b"\x80\x04\x95" + b"\x00" * 64,
     "wrong dtype": lambda: _good(tensors={"kv": chunk(0)["kv"].half()}),            # same byte count
     "wrong dtype and size": lambda: _good(tensors={"kv": chunk(0)["kv"].float()}),
-    "wrong shape": lambda: _good(tensors={"kv": chunk(0, shape=(2, 2, 8, 64))["kv"]}),
+    "wrong shape": lambda: _good(tensors={"kv": chunk(0, shape=(2, 1, 8, 64))["kv"]}),   # not a tail
+    "wider": lambda: _good(tensors={"kv": chunk(0, shape=(2, 2, 32, 64))["kv"]}),
     "wrong tensor name": lambda: _good(tensors={"k": chunk(0)["kv"]}),
     "another key's chunk": lambda: _good(1),
     "oversized": lambda: _good(tensors={"kv": torch.zeros(2, 2, 4096, 512, dtype=torch.bfloat16)}),

@@ -8,7 +8,8 @@ import pytest
 from lmcache_lab.config import CacheConfig, RedisTierConfig
 from lmcache_lab.tiers import RedisTier, build_tiers
 
-from shared_engines import check_a_fresh_engine_loads_what_another_stored
+from shared_engines import (check_a_fresh_engine_loads_what_another_stored,
+                            check_tail_chunks_share_the_tier)
 
 pytestmark = pytest.mark.redis
 
@@ -173,6 +174,10 @@ def test_build_tiers_orders_cpu_disk_redis(redis_server, tmp_path):
 def test_a_fresh_engine_loads_what_another_engine_stored(redis_server):
     config = {"chunk_size": 16, "tiers": {"cpu": {"capacity_bytes": "1MiB"}, "redis": {"url": redis_server.url}}}
     check_a_fresh_engine_loads_what_another_stored(config, [chunk(i)["kv"] for i in range(4)])
+
+
+def test_tail_chunks_live_beside_full_chunks(redis_server):
+    check_tail_chunks_share_the_tier(lambda: tier(redis_server.url), chunk(0), key)
 
 
 def test_large_batches_go_in_bounded_pipelines_small_ones_share_one(redis_server, monkeypatch):

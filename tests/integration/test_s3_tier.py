@@ -14,7 +14,8 @@ from lmcache_lab.config import S3TierConfig, load_config
 from lmcache_lab.tiers import build_tiers
 from lmcache_lab.tiers.s3 import S3Tier, S3TierError
 
-from shared_engines import check_a_fresh_engine_loads_what_another_stored
+from shared_engines import (check_a_fresh_engine_loads_what_another_stored,
+                            check_tail_chunks_share_the_tier)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -177,6 +178,10 @@ def test_bad_objects_are_counted_misses_and_deleted(make_tier, s3_server, damage
     assert t.stats.corrupt == 1 and t.stats.misses == 1 and t.stats.hits == 0
     assert not t.contains(key(0))    # deleted: the next store rewrites it
     assert t.put(key(0), chunk(0)) and same(t.get(key(0)), chunk(0))
+
+
+def test_tail_chunks_live_beside_full_chunks(make_tier):
+    check_tail_chunks_share_the_tier(make_tier, chunk(0), key)
 
 
 def test_concurrent_writers_of_one_key(make_tier):
