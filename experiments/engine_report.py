@@ -124,9 +124,9 @@ def repeat_table(summary: dict[str, Any]) -> pd.DataFrame:
     """One row per pass: each arm's TTFT p50 and the lmcache_lab arm's p50 speed-ups."""
     arms = summary["arms"]
     df = pd.DataFrame({name: arms[name]["ttft_p50_ms_per_repeat"] for name in _arms(arms)})
-    for base in ("cold", "engine_cache"):
-        if f"speedup_p50_vs_{base}_per_repeat" in summary:
-            df[f"speedup_p50_vs_{base}"] = summary[f"speedup_p50_vs_{base}_per_repeat"]
+    for ref in ("cold", "engine_cache"):
+        if f"speedup_p50_vs_{ref}_per_repeat" in summary:
+            df[f"speedup_p50_vs_{ref}"] = summary[f"speedup_p50_vs_{ref}_per_repeat"]
     df.insert(0, "pass", range(len(df)))
     return df
 
@@ -181,7 +181,8 @@ def print_run(summary: dict[str, Any]) -> None:
     print(_title(summary))
     base.print_table(arm_table(summary))
     if summary.get("repeats", 1) > 1:
-        print(f"TTFT p50 per pass (ms; {summary['repeats']} passes, each on a fresh engine; the table above pools them):")
+        print(f"TTFT p50 per pass (ms; {summary['repeats']} passes, each on a fresh engine; "
+              "the table above pools them):")
         base.print_table(repeat_table(summary))
     a = summary["arms"].get("lmcache_lab", {})
     if "connector" in a:

@@ -27,7 +27,8 @@ spec = {
                               # served together, each submitted once the engine ran after_steps
                               # steps (after reset_prefix_cache() with reset); per request its
                               # time to first token (ttft_s), to its end (finish_s), longest wait
-                              # between two tokens (max_gap_s), tokens, num_cached_tokens
+                              # between two tokens (max_gap_s), engine steps from its submission
+                              # to its first token (ttft_steps), tokens, num_cached_tokens
     {"op": "reset"},                               # llm.reset_prefix_cache()
     {"op": "scrape", "port": 9100},                # lmcache_lab_* samples from the endpoint
     {"op": "vllm_stats"},                          # vLLM's own counters and gauges (name ->
@@ -248,6 +249,8 @@ def concurrent(llm, op: dict, params_of) -> dict:
     last: dict[str, tuple[int, float]] = {}      # request -> (tokens so far, when)
     gap: dict[str, float] = {}
     first: dict[str, float] = {}
+    first_step: dict[str, int] = {}              # request -> engine steps run when its first token came
+    added: dict[str, int] = {}                   # request -> engine steps run when it was added
     done: dict = {}
     steps = 0
     while len(done) < len(reqs):
@@ -256,6 +259,7 @@ def concurrent(llm, op: dict, params_of) -> dict:
                 engine.add_request(rid, TokensPrompt(prompt_token_ids=list(r["prompt"])),
                                    params_of(r.get("max_tokens", 1)))
                 submitted[rid] = last.setdefault(rid, (0, time.perf_counter()))[1]
+                added[rid] = steps
         outs = engine.step()
         steps += 1
         now = time.perf_counter()
@@ -266,12 +270,14 @@ def concurrent(llm, op: dict, params_of) -> dict:
                     gap[out.request_id] = max(gap.get(out.request_id, 0.0),
                                               now - last[out.request_id][1])
                 first.setdefault(out.request_id, now - submitted[out.request_id])
+                first_step.setdefault(out.request_id, steps)
                 last[out.request_id] = (n, now)
             if out.finished:
                 done[out.request_id] = out
     return {"seconds": time.perf_counter() - t0, "ttft_s": [first[r] for r in ids],
             "finish_s": [last[r][1] - submitted[r] for r in ids],
             "max_gap_s": [gap.get(r, 0.0) for r in ids],
+            "ttft_steps": [first_step[r] - added[r] for r in ids],
             "tokens": [list(done[r].outputs[0].token_ids) for r in ids],
             "num_cached_tokens": [done[r].num_cached_tokens for r in ids]}
 
