@@ -66,10 +66,10 @@ from lmcache_lab.integrations.vllm_plan import (LoadSpec, Planner, StepPlan, Sto
 from lmcache_lab.integrations.vllm_stats import LMCacheLabPromMetrics, LMCacheLabStats, kv_events
 from lmcache_lab.integrations.vllm_support import unsupported_spec_reason
 from lmcache_lab.keys import ChunkKeyer, Namespace
-from lmcache_lab.tiers.remote import RemoteTier
 from lmcache_lab.kernels.blocks import block_buffers, block_records, gather_blocks, scatter_blocks
 from lmcache_lab.kernels.layout import KVLayout, UnsupportedLayout
 from lmcache_lab.kernels.paged import gather, scatter
+from lmcache_lab.tiers.remote import RemoteTier
 from lmcache_lab.metrics import CacheMetrics, MetricsDelta
 from lmcache_lab.observe import TraceWriter, request_misses
 

@@ -108,7 +108,7 @@ class LayoutGuard:
         return value_cap(self.layout, max_payload)
 
     def chunk_nbytes(self) -> int | None:
-        """Bytes of a full chunk's payload, when known."""
+        """Payload bytes of the known layout (a full chunk's once fixed), or None."""
         return layout_nbytes(self.layout) if self.layout else None
 
     def check(self, data: bytes, key: bytes, cap: int, mac_key: bytes | None = None

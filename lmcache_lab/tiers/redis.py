@@ -265,7 +265,6 @@ class RedisTier(RemoteTier):
             self._set_batch(items, batch, ok)
         return ok
 
-
     def _set_batch(self, items, batch: list[tuple[int, wire.Encoding]], ok: list[bool]) -> None:
         values = [Buffers(enc.parts()) for _, enc in batch]
         ttl = self.config.ttl_s
