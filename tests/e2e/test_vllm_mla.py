@@ -9,6 +9,11 @@ token these engines report comes from the connector. The model uses DeepSeek-V2'
 depending on how many tokens share the step, so no cache could reproduce a cold prefill
 (`TinyMLASpec.rope`).
 
+On a CPU with AMX tiles vLLM picks AMX_MLA instead unless CPU_MLA is asked for; AMX_MLA takes no
+fp32 weights ("expect weight to be bfloat16, float16, int8, ..." at load) and lmcache_lab does not
+serve its cache yet (refused at registration, `test_amx_mla_is_refused_and_the_engine_runs_on`),
+so these engines ask for CPU_MLA (`attention_backend`) and run the same backend on every CPU.
+
 Engines (run once per session, on demand):
   ref32       no connector, fp32: the reference greedy tokens
   conn32      connector, fp32, chunk 256, CPU + disk tier, vLLM's multi-process layout:
@@ -78,7 +83,9 @@ class Engines:
     def get(self, name: str) -> dict:
         if name not in self._runs:
             spec, mp = getattr(self, "_" + name)()
-            self._runs[name] = run_engine({"model": self.model, "max_model_len": 2048, **spec},
+            backend = spec.pop("backend", "CPU_MLA")
+            self._runs[name] = run_engine({"model": self.model, "max_model_len": 2048, **spec,
+                                           "engine_args": {"attention_backend": backend}},
                                           mp, self.root / name)
         return self._runs[name]
 
@@ -96,6 +103,10 @@ class Engines:
 
     def _conn16(self):     # its own CPU tier only: bf16 chunks never meet conn32's fp32 ones
         return {"dtype": "bfloat16", "connector": {"chunk_size": CHUNK}, "ops": RUN}, False
+
+    def _amx16(self):      # vLLM's own choice on a CPU with AMX tiles
+        return {"dtype": "bfloat16", "connector": {"chunk_size": CHUNK}, "ops": RUN,
+                "backend": "AMX_MLA"}, False
 
     def _restart32(self):
         self.get("conn32")
@@ -125,6 +136,18 @@ def test_mla_engine_is_deterministic_and_uses_the_latent_cache(mla_engines):
     assert len({tuple(t) for t in ref}) == len(ref)      # distinct prompts, distinct outputs
     assert run["kv_cache"]["block_size"] == MLA_BLOCK     # CPU_MLA's forced block size
     assert cached(run, 0) == [0, 0, 0, 0]                 # no prefix cache of vLLM's own on MLA
+
+
+@e2e
+@pytest.mark.skipif(not torch.cpu._is_amx_tile_supported(), reason="vLLM uses AMX_MLA only with AMX tiles")
+def test_amx_mla_is_refused_and_the_engine_runs_on(mla_engines):
+    """AMX_MLA's cache is refused at registration with one warning that names the backend; the
+    engine serves every prompt without hits, never crashes."""
+    run = mla_engines.get("amx16")
+    assert all(len(t) == MAX_TOKENS for t in tokens(run, 0, 1, 2))
+    assert cached(run, 2) == [0, 0, 0, 0]
+    log = (mla_engines.root / "amx16" / "engine.log").read_text()
+    assert "the KV format of backend AMX_MLA is unknown to lmcache_lab" in log
 
 
 @e2e
