@@ -78,16 +78,16 @@ def test_poisoned_chunks_never_load_and_other_secrets_see_nothing(tiny_model, tm
         first = run_engine(spec(tiny_model, mine), False, tmp_path / "first")["results"][0]
         assert first["tokens"] == ref["tokens"]
         assert first["num_cached_tokens"] == [0, 256, 0, 0]      # diverge shares long's first chunk
-        assert int(server.cli("DBSIZE")) == 5
+        assert int(server.cli("DBSIZE")) == 6      # long 2 chunks + a tail, diverge 1 new, exact 2
 
         other = run_engine(spec(tiny_model, theirs, free_port(), {"OTHER_STORE_SECRET": S2}),
                            False, tmp_path / "other")["results"]
         assert other[0]["num_cached_tokens"] == [0, 256, 0, 0]   # its own chunk only: none of first's
         assert total(other[1], "lmcache_lab_tier_corrupt_total") == 0
         assert total(other[1], "lmcache_lab_load_failures_total") == 0
-        assert int(server.cli("DBSIZE")) == 10
+        assert int(server.cli("DBSIZE")) == 12
 
-        assert plant(client) == 10
+        assert plant(client) == 12
         again = run_engine(spec(tiny_model, mine, free_port()), False, tmp_path / "again")["results"]
         assert again[0]["tokens"] == ref["tokens"]
         # long and exact are promised planted chunks by the lookup, and their loads fail
