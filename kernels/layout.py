@@ -391,9 +391,10 @@ class KVLayout:
 # allocation and write paths). Backends whose per-layer cache is the allocator's [B, H, N, C]
 # view with C = K then V: their kernels read `kv_cache.transpose(1, 2).split(head_size, dim=-1)`.
 VLLM_SPLIT_KV = frozenset({"FLASH_ATTN", "FLASHINFER", "TRITON_ATTN", "FLEX_ATTENTION"})
-# MLA backends whose cache is the plain latent [B, 1, N, kv_lora_rank + rope_dim] (written by
-# `concat_and_cache_mla`, CPU_MLA by plain indexing); AMX_MLA packs its own way (not served).
-VLLM_MLA_LATENT = frozenset({"CPU_MLA", "TRITON_MLA", "FLASHMLA", "CUTLASS_MLA",
+# MLA backends whose cache is the plain latent [B, 1, N, kv_lora_rank + rope_dim], one row per
+# token slot (written by `concat_and_cache_mla` on CUDA, CPU_MLA by plain indexing, AMX_MLA by
+# `concat_and_cache_mla_cpu`; AMX_MLA's kernels read it as `view(-1, 1, 576)`).
+VLLM_MLA_LATENT = frozenset({"CPU_MLA", "AMX_MLA", "TRITON_MLA", "FLASHMLA", "CUTLASS_MLA",
                              "FLASHINFER_MLA", "FLASH_ATTN_MLA"})
 
 

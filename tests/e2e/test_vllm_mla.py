@@ -10,17 +10,19 @@ depending on how many tokens share the step, so no cache could reproduce a cold 
 (`TinyMLASpec.rope`).
 
 On a CPU with AMX tiles vLLM picks AMX_MLA instead unless CPU_MLA is asked for; AMX_MLA takes no
-fp32 weights ("expect weight to be bfloat16, float16, int8, ..." at load) and lmcache_lab does not
-serve its cache yet (refused at registration, `test_amx_mla_is_refused_and_the_engine_runs_on`),
-so these engines ask for CPU_MLA (`attention_backend`) and run the same backend on every CPU.
+fp32 weights ("expect weight to be bfloat16, float16, int8, ..." at load), so the fp32 engines
+ask for CPU_MLA (`attention_backend`) and run the same backend on every CPU. AMX_MLA keeps vLLM's
+own prefix cache (block size 128 by default): on such CPUs the amx engines check that a
+connector hit gives the tokens an APC hit of the same length gives.
 
 Engines (run once per session, on demand):
   ref32       no connector, fp32: the reference greedy tokens
   conn32      connector, fp32, chunk 256, CPU + disk tier, vLLM's multi-process layout:
               cold and warm runs (RUN below), metrics scraped
   restart32   a later process on conn32's disk tier only (CPU tier capacity 0): hits from disk
-  ref16 / conn16   the same in bf16 (CPU tier only); ref16 also runs each prompt again with
-                   vLLM's own prefix cache warm, the reference for a bf16 hit
+  ref16 / conn16   the same in bf16 (CPU tier only)
+  amx_ref16 / amx16  AMX_MLA, bf16 (CPUs with AMX tiles only): each prompt cold, then again with
+                   vLLM's own prefix cache warm (the reference for a hit); the connector's RUN
 """
 from __future__ import annotations
 
@@ -104,7 +106,11 @@ class Engines:
     def _conn16(self):     # its own CPU tier only: bf16 chunks never meet conn32's fp32 ones
         return {"dtype": "bfloat16", "connector": {"chunk_size": CHUNK}, "ops": RUN}, False
 
-    def _amx16(self):      # vLLM's own choice on a CPU with AMX tiles
+    def _amx_ref16(self):  # vLLM's own choice on a CPU with AMX tiles: cold, then an APC hit
+        ops = [{**gen([n]), "reset_each": not again} for n in NAMES for again in (False, True)]
+        return {"dtype": "bfloat16", "connector": None, "ops": ops, "backend": "AMX_MLA"}, False
+
+    def _amx16(self):
         return {"dtype": "bfloat16", "connector": {"chunk_size": CHUNK}, "ops": RUN,
                 "backend": "AMX_MLA"}, False
 
@@ -140,14 +146,21 @@ def test_mla_engine_is_deterministic_and_uses_the_latent_cache(mla_engines):
 
 @e2e
 @pytest.mark.skipif(not torch.cpu._is_amx_tile_supported(), reason="vLLM uses AMX_MLA only with AMX tiles")
-def test_amx_mla_is_refused_and_the_engine_runs_on(mla_engines):
-    """AMX_MLA's cache is refused at registration with one warning that names the backend; the
-    engine serves every prompt without hits, never crashes."""
+def test_amx_mla_connector_hit_gives_the_tokens_of_an_apc_hit(mla_engines):
+    """AMX_MLA (vLLM's MLA backend on CPUs with AMX tiles) keeps vLLM's prefix cache on, in
+    blocks of 128. A connector hit after `reset_prefix_cache()` covers what an APC hit of the
+    same prompt covers (the chunk-aligned prefix plus whole-block tails), and the engine then
+    computes the same tokens with the same kernel: the greedy tokens equal the APC hit's."""
+    ref = mla_engines.get("amx_ref16")
+    block = ref["kv_cache"]["block_size"]
+    assert block % 32 == 0                                   # AMX_MLA's kernel block sizes
+    cold, warm = tokens(ref, *range(0, 8, 2)), tokens(ref, *range(1, 8, 2))
+    apc = [cached(ref, op)[0] for op in range(1, 8, 2)]
+    assert apc == [loadable(len(PROMPTS[n]), CHUNK, block) for n in NAMES] == [640, 512, 384, 0]
     run = mla_engines.get("amx16")
-    assert all(len(t) == MAX_TOKENS for t in tokens(run, 0, 1, 2))
-    assert cached(run, 2) == [0, 0, 0, 0]
-    log = (mla_engines.root / "amx16" / "engine.log").read_text()
-    assert "the KV format of backend AMX_MLA is unknown to lmcache_lab" in log
+    assert tokens(run, 0, 1) == cold
+    assert cached(run, 2) == apc
+    assert tokens(run, 2) == warm
 
 
 @e2e

@@ -5,7 +5,8 @@ Each case builds the KV cache the way vLLM 0.32 does (the backend's `customize_s
 `get_kv_cache_config_from_groups`, `prepare_kernel_block_sizes` and `allocate_kv_cache`, on CPU
 tensors), writes every slot through the backend's own `do_kv_cache_update` (its view of the
 cache: `transpose(1, 2).split(head_size)` for the GPU backends, whose CUDA copy op is replaced by
-its documented contract; the real CPU op for CPU_ATTN and its ISAs; CPU_MLA's torch write), with
+its documented contract; the real CPU op for CPU_ATTN and its ISAs; CPU_MLA's torch write;
+AMX_MLA's CPU op on CPUs with AMX tiles), with
 each element's bits encoding (layer, slot, head, dim, K/V). Then:
   * gather through the derived layout == the encoded values, bit for bit (torch path on every
     case, the Triton interpreter on a subset);
@@ -44,6 +45,7 @@ try:
     from vllm.v1.attention.backends import flash_attn, triton_attn
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
     from vllm.v1.attention.backends.flex_attention import FlexAttentionBackend
+    from vllm.v1.attention.backends.mla.amx_mla import AMXMLABackend
     from vllm.v1.attention.backends.mla.cpu_mla import CPUMLABackend
     from vllm.v1.core.kv_cache_utils import get_kv_cache_config_from_groups
     from vllm.v1.kv_cache_interface import (FullAttentionSpec, KVCacheGroupSpec, KVQuantMode,
@@ -217,8 +219,12 @@ class Case:
 
     @property
     def cls(self):
-        return {"CPU_ATTN": CPUAttentionBackend, "CPU_MLA": CPUMLABackend}.get(
-            self.backend) or GPU_BACKENDS[self.backend]
+        return {"CPU_ATTN": CPUAttentionBackend, "CPU_MLA": CPUMLABackend,
+                "AMX_MLA": AMXMLABackend}.get(self.backend) or GPU_BACKENDS[self.backend]
+
+    @property
+    def mla(self) -> bool:
+        return self.backend in MLA_BLOCK_SIZES
 
     def __str__(self):
         dt = str(self.dtype).removeprefix("torch.")
@@ -228,7 +234,7 @@ class Case:
 
 
 def spec_of(case: Case):
-    if case.backend == "CPU_MLA":
+    if case.mla:
         spec = MLAAttentionSpec(block_size=case.block_size, num_kv_heads=1,
                                 head_size=case.head_size, dtype=case.dtype)
     else:
@@ -270,6 +276,10 @@ def vllm_supports(case: Case) -> bool:
     return True
 
 
+# the CPU MLA backends (latent width 576) and the block sizes they take: CPU_MLA's decode kernel
+# compiles for 16 only, AMX_MLA takes multiples of 32 (vLLM's CPU default is 128)
+MLA_BLOCK_SIZES = {"CPU_MLA": [16], "AMX_MLA": [32, 128]}
+
 # (heads, head size, block size): one KV head, head sizes 64/128/256, block sizes 16/64/128
 SHAPES = [(1, 64, 16), (2, 128, 64), (1, 256, 128), (3, 64, 128), (2, 256, 16), (1, 128, 64)]
 
@@ -285,8 +295,8 @@ def _first_supported(backend, layout, dtype, start, shapes=SHAPES, **kw):
 
 def _matrix() -> list[Case]:
     """Every backend x every layout it supports x every dtype it supports, one shape each
-    (rotating through SHAPES); CPU_ATTN per ISA; CPU_MLA on the layer-compact layouts (its
-    write path views a layer as [B*N, C])."""
+    (rotating through SHAPES); CPU_ATTN per ISA; the CPU MLA backends on the layer-compact
+    layouts (their write paths view a layer as [B*N, C])."""
     cases, i = [], 0
     for name in GPU_BACKENDS:
         for layout in KVCacheLayout:
@@ -304,12 +314,14 @@ def _matrix() -> list[Case]:
                 case = _first_supported("CPU_ATTN", "LBHNC", dtype, j + k, shapes, isa=isa)
                 if case is not None:
                     cases.append(case)
-    for layout in KVCacheLayout:
-        if layout.is_layer_compact:
-            for dtype in DTYPES:
-                case = Case("CPU_MLA", layout.name, dtype, 1, 576, 16)
-                if vllm_supports(case):
-                    cases.append(case)
+    for backend, block_sizes in MLA_BLOCK_SIZES.items():
+        for layout in KVCacheLayout:
+            if layout.is_layer_compact:
+                for dtype in DTYPES:
+                    for bs in block_sizes:
+                        case = Case(backend, layout.name, dtype, 1, 576, bs)
+                        if vllm_supports(case):
+                            cases.append(case)
     return cases
 
 
@@ -329,7 +341,8 @@ MATRIX = _matrix() if HAVE_VLLM else []
 SWEEP = [c for c in _shape_sweep() if c not in MATRIX] if HAVE_VLLM else []
 # interpreter subset: one case per backend (cross-layer layouts among them), every CPU ISA, MLA
 _TRITON_PICKS = {("FLASH_ATTN", "BLNHC"), ("FLASHINFER", "BHLNC"), ("TRITON_ATTN", "LHBNC"),
-                 ("FLEX_ATTENTION", "LBNHC"), ("CPU_ATTN", "LBHNC"), ("CPU_MLA", "LBNHC")}
+                 ("FLEX_ATTENTION", "LBNHC"), ("CPU_ATTN", "LBHNC"), ("CPU_MLA", "LBNHC"),
+                 ("AMX_MLA", "LBNHC")}
 _picked: dict[tuple, Case] = {}
 for _c in MATRIX:
     if (_c.backend, _c.layout) in _TRITON_PICKS:
@@ -341,7 +354,7 @@ TRITON_CASES = list(_picked.values())
 def encode(case: Case, layer: int, slots: torch.Tensor, kv: int, width: int) -> torch.Tensor:
     """[N, H, width] values whose bits encode (layer, slot, head, dim, K/V): the index itself
     for fp32, a 15-bit hash of it for 16-bit dtypes; always a finite normal number."""
-    h = case.heads if case.backend != "CPU_MLA" else 1
+    h = 1 if case.mla else case.heads
     head = torch.arange(h).view(1, h, 1)
     dim = torch.arange(width).view(1, 1, width)
     idx = (((layer * 1_000_003 + slots.view(-1, 1, 1)) * 64 + head) * 1024 + dim) * 2 + kv
@@ -355,7 +368,7 @@ def encode(case: Case, layer: int, slots: torch.Tensor, kv: int, width: int) -> 
 
 def kv_values(case: Case, layer: int, slots: torch.Tensor):
     """(K, V) [N, H, D] of `layer` at `slots` (V None for MLA)."""
-    if case.backend == "CPU_MLA":
+    if case.mla:
         return encode(case, layer, slots, 0, case.head_size), None
     return (encode(case, layer, slots, 0, case.head_size),
             encode(case, layer, slots, 1, case.head_size))
@@ -367,6 +380,10 @@ def vllm_write(case: Case, kv_caches: dict, slots: torch.Tensor) -> None:
     if case.isa is not None and not cpu_isa_writes(case.isa):
         pytest.skip(f"vLLM's CPU attention op refuses the {case.isa} packing on this CPU "
                     f"(AVX-512: {torch.cpu._is_avx512_supported()})")
+    if case.backend == "AMX_MLA" and not torch.cpu._is_amx_tile_supported():
+        # vLLM picks AMX_MLA only where AMX tiles are (`CpuPlatform.get_attn_backend_cls`);
+        # its cache-write op is built for those CPUs
+        pytest.skip("AMX_MLA's cache-write op needs AMX tiles, which this CPU lacks")
     _vllm_write(case, kv_caches, slots)
 
 
@@ -391,7 +408,7 @@ def _vllm_write(case: Case, kv_caches: dict, slots: torch.Tensor) -> None:
     impl = object.__new__(case.cls.get_impl_cls())
     for layer, t in enumerate(kv_caches.values()):
         k, v = kv_values(case, layer, slots)
-        if case.backend == "CPU_MLA":
+        if case.mla:
             # MLAAttention.bind_kv_cache: [B, H=1, N, C] -> [B, N, C]
             lora = case.head_size - 64
             impl.do_kv_cache_update(k[:, 0, :lora].contiguous(), k[:, :, lora:].contiguous(),
@@ -472,13 +489,13 @@ def test_triton_kernel_reads_and_writes_what_vllm_does(case):
 @needs_vllm
 def test_matrix_covers_every_backend_and_layout():
     """The served matrix spans each backend's supported layouts, every CPU ISA lmcache_lab
-    knows, and the CPU MLA latent cache."""
+    knows, and both CPU MLA backends' latent cache."""
     got = {(c.backend, c.layout) for c in MATRIX}
     for name, cls in GPU_BACKENDS.items():
         for layout in cls.supported_kv_cache_layouts() or KVCacheLayout:
             assert (name, layout.name) in got
     assert {c.isa for c in MATRIX if c.backend == "CPU_ATTN"} == {"vec", "vec16", "amx"}
-    assert any(c.backend == "CPU_MLA" for c in MATRIX)
+    assert {c.backend for c in MATRIX if c.mla} == set(MLA_BLOCK_SIZES)
     assert {c.dtype for c in MATRIX} == set(DTYPES)
 
 
