@@ -4,6 +4,7 @@
     chunk = gather_blocks(kv_caches, layout, block_ids)    # fresh [L, nb, R]
     scatter_blocks(chunk, kv_caches, layout, block_ids)    # in place
     views = block_buffers(kv_caches, layout, block_ids)    # CPU: byte views in chunk order
+    views = BlockViews(kv_caches, layout)(block_ids)       # the same, caches checked once
 
 A paged KV cache stores each block's K and V of one layer somewhere inside the layer tensor. When
 every element of block b lies in a few dense spans `[start_p + b * block_stride, + length_p)`
@@ -128,19 +129,34 @@ def block_buffers(kv_caches, layout: KVLayout, block_ids: torch.Tensor) -> list[
     block-native chunk `[L, nb, R]` (layer, then block, then span): filling them in order with a
     chunk's bytes is `scatter_blocks` without the chunk, e.g. a file read straight into the
     engine's cache (`os.preadv`). CPU caches only (a device has no memoryview)."""
-    records, pairs, ids = _validate(kv_caches, layout, block_ids, distinct=True)
-    if pairs[0][0].device.type != "cpu":
-        raise ValueError(f"block_buffers: caches on {pairs[0][0].device}; only CPU memory has "
-                         "byte views")
-    size = pairs[0][0].element_size()
-    out = []
-    for pair in pairs:
-        flat = [memoryview(_flat(t).view(_INT_VIEW[size]).numpy()).cast("B") for t in pair]
-        for b in ids.tolist():
-            for s in records.spans:
-                start = (s.start + b * records.block_stride) * size
-                out.append(flat[s.tensor][start:start + s.length * size])
-    return out
+    return BlockViews(kv_caches, layout)(block_ids)
+
+
+class BlockViews:
+    """`block_buffers` of fixed caches: the caches are validated and viewed as bytes once, so a
+    call only checks the block ids and slices (a load asks once per chunk)."""
+
+    def __init__(self, kv_caches, layout: KVLayout):
+        records, pairs, _ = _validate(kv_caches, layout, torch.zeros(0, dtype=torch.int64),
+                                      distinct=True)
+        if pairs[0][0].device.type != "cpu":
+            raise ValueError(f"block_buffers: caches on {pairs[0][0].device}; only CPU memory "
+                             "has byte views")
+        self._records, self._num_blocks = records, layout.num_blocks
+        self._size = size = pairs[0][0].element_size()
+        self._flat = [[memoryview(_flat(t).view(_INT_VIEW[size]).numpy()).cast("B") for t in pair]
+                      for pair in pairs]                                     # per layer, per tensor
+
+    def __call__(self, block_ids: torch.Tensor) -> list[memoryview]:
+        ids = _check_ids(block_ids, torch.device("cpu"), self._num_blocks, distinct=True)
+        size, stride, spans = self._size, self._records.block_stride, self._records.spans
+        out = []
+        for flat in self._flat:
+            for b in ids.tolist():
+                for s in spans:
+                    start = (s.start + b * stride) * size
+                    out.append(flat[s.tensor][start:start + s.length * size])
+        return out
 
 
 def gather_blocks_reference(kv_caches, layout: KVLayout, block_ids: torch.Tensor) -> torch.Tensor:
@@ -162,18 +178,22 @@ def _validate(kv_caches, layout: KVLayout, block_ids, distinct: bool):
         raise ValueError(f"layout {layout.name} has no dense block records; use the token-major "
                          "gather/scatter of kernels/paged.py")
     pairs = validate_caches(kv_caches, layout)
+    return records, pairs, _check_ids(block_ids, pairs[0][0].device, layout.num_blocks, distinct)
+
+
+def _check_ids(block_ids, device: torch.device, num_blocks: int, distinct: bool) -> torch.Tensor:
     if not isinstance(block_ids, torch.Tensor) or block_ids.dtype != torch.int64 \
             or block_ids.dim() != 1:
         raise TypeError("block_ids: expected a 1-D int64 tensor")
-    if block_ids.device != pairs[0][0].device:
-        raise ValueError(f"block_ids: on {block_ids.device}, kv_caches on {pairs[0][0].device}")
+    if block_ids.device != device:
+        raise ValueError(f"block_ids: on {block_ids.device}, kv_caches on {device}")
     host = block_ids.cpu().numpy()
-    if host.size and (host.min() < 0 or host.max() >= layout.num_blocks):
-        raise ValueError(f"block_ids: {int(host.min())}..{int(host.max())} out of range; layout "
-                         f"{layout.name} has {layout.num_blocks} blocks")
+    if host.size and (host.min() < 0 or host.max() >= num_blocks):
+        raise ValueError(f"block_ids: {int(host.min())}..{int(host.max())} out of range; the "
+                         f"layout has {num_blocks} blocks")
     if distinct and np.unique(host).size != host.size:
         raise ValueError("block_ids: a block appears twice; scatter targets must be distinct")
-    return records, pairs, block_ids.contiguous()
+    return block_ids.contiguous()
 
 
 def _check_chunk(chunk, shape: tuple[int, ...], ref: torch.Tensor) -> None:

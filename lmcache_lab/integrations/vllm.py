@@ -66,7 +66,7 @@ from lmcache_lab.integrations.vllm_plan import (LoadSpec, Planner, StepPlan, Sto
 from lmcache_lab.integrations.vllm_stats import LMCacheLabPromMetrics, LMCacheLabStats, kv_events
 from lmcache_lab.integrations.vllm_support import unsupported_spec_reason
 from lmcache_lab.keys import ChunkKeyer, Namespace
-from lmcache_lab.kernels.blocks import block_buffers, block_records, gather_blocks, scatter_blocks
+from lmcache_lab.kernels.blocks import BlockViews, block_records, gather_blocks, scatter_blocks
 from lmcache_lab.kernels.layout import KVLayout, UnsupportedLayout
 from lmcache_lab.kernels.paged import gather, scatter
 from lmcache_lab.tiers.remote import RemoteTier
@@ -188,8 +188,8 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         self._invalid_blocks: set[int] = set()
         self._stores_here = True      # False on tensor ranks > 0 of an MLA cache (rank 0 stores)
         self._block_native = False    # chunks are whole block records (kernels/blocks.py)
-        self._reads_into = False      # a disk tier may read them straight into the blocks
-        self._scratch = threading.local()         # .chunk: blocks read but not loaded (per thread)
+        self._block_views: BlockViews | None = None   # set: a disk tier reads into the blocks
+        self._scratch = threading.local()         # .chunks: blocks read, not loaded (`_scratch_chunk`)
         self._background: BackgroundLoads | None = None   # loads between steps (`prefetch`)
         # scheduler side
         self._planner: Planner | None = None
@@ -425,8 +425,9 @@ class LMCacheLabConnector(KVConnectorBase_V1):
                               and self.config.chunk_size % self._layout.block_size == 0
                               and block_records(self._layout) is not None)
         # Block-native chunks in CPU memory: a disk tier reads a chunk file straight into the
-        # engine's blocks, one copy from the page cache (`DiskTier.get_into`)
-        self._reads_into = self._block_native and self._layers[0].device.type == "cpu"
+        # engine's blocks, one copy from the page cache (`DiskTier.get_many_into`)
+        if self._block_native and self._layers[0].device.type == "cpu":
+            self._block_views = BlockViews(self._layers, self._layout)
         ns = make_namespace(self._vllm_config, self.config, self._layout, self._layers[0].dtype,
                             tp_rank, tp_size, pp_rank, pp_size, self._block_native)
         # MLA: one copy for all tensor ranks (make_namespace drops the rank), written by rank 0
@@ -578,7 +579,7 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         first, last = spec.start // cs, -(-spec.end // cs)
         loaded_to = spec.start          # tokens [spec.start, loaded_to) are in the engine
         try:
-            into = self._destination(spec) if self._reads_into else None
+            into = self._destination(spec) if self._block_views is not None else None
             chunks = self._cache.read(spec.req_id, first, last, into)
             device = self._layers[0].device
             slots = torch.from_numpy(spec.slots).to(device)
@@ -614,7 +615,7 @@ class LMCacheLabConnector(KVConnectorBase_V1):
 
     def _destination(self, spec: LoadSpec):
         """`into(i)` for `WorkerCache.read`: block-native chunk i read straight into the engine's
-        blocks (`block_buffers`, layer by layer). Blocks of the chunk outside the load's tokens
+        blocks (`BlockViews`, layer by layer). Blocks of the chunk outside the load's tokens
         (before its start: the engine's own prefix-cache hit; past its end) are read into a
         scratch chunk and dropped: the whole value is read, or its checksum could not be checked.
         A failed read leaves garbage in the blocks, which `_load` then reports invalid."""
@@ -632,12 +633,11 @@ class LMCacheLabConnector(KVConnectorBase_V1):
                 raise ValueError(f"tokens [{a}, {b}) are not whole {n}-token blocks")
             wanted = range((a - i * cs) // n, (b - i * cs) // n)            # blocks of the chunk
             ids = torch.from_numpy(spec.slots[a - spec.start:b - spec.start:n] // n)
-            mine = block_buffers(self._layers, self._layout, ids) if len(ids) else []
+            mine = self._block_views(ids) if len(ids) else []
             spans = len(mine) // (layers * len(ids)) if len(ids) else 0
-            scratch = getattr(self._scratch, "chunk", None)
-            if len(wanted) < nb and scratch is None:
-                scratch = self._scratch.chunk = memoryview(       # a whole chunk, this thread's
-                    torch.zeros(layers * (cs // n) * row, dtype=torch.uint8).numpy())
+            # blocks before the start: the load's first chunk; past the end: its last
+            scratch = (self._scratch_chunk(0 if a > i * cs else 1, layers * (cs // n) * row)
+                       if len(wanted) < nb else None)
             out, k = [], 0
             for layer in range(layers):
                 for j in range(nb):
@@ -650,6 +650,17 @@ class LMCacheLabConnector(KVConnectorBase_V1):
             return out, value
 
         return into
+
+    def _scratch_chunk(self, which: int, nbytes: int) -> memoryview:
+        """This thread's scratch chunk `which` (0: for a load's first chunk, 1: its last). The
+        chunks of a load are read at once (`DiskTier.get_many_into`) and each read checksums
+        its scratch bytes, so the first and last chunk never share one."""
+        pair = getattr(self._scratch, "chunks", None)
+        if pair is None:
+            pair = self._scratch.chunks = [None, None]
+        if pair[which] is None:
+            pair[which] = memoryview(torch.zeros(nbytes, dtype=torch.uint8).numpy())
+        return pair[which]
 
     def _gather(self, slots: torch.Tensor) -> torch.Tensor:
         """A fresh chunk of the tokens at `slots` (one chunk, starting at a block boundary)."""
