@@ -189,7 +189,7 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         self._stores_here = True      # False on tensor ranks > 0 of an MLA cache (rank 0 stores)
         self._block_native = False    # chunks are whole block records (kernels/blocks.py)
         self._block_views: BlockViews | None = None   # set: a disk tier reads into the blocks
-        self._scratch = threading.local()         # .chunks: blocks read, not loaded (`_scratch_chunk`)
+        self._scratch = threading.local()         # .chunk: blocks read but not loaded (per thread)
         self._background: BackgroundLoads | None = None   # loads between steps (`prefetch`)
         # scheduler side
         self._planner: Planner | None = None
@@ -425,7 +425,7 @@ class LMCacheLabConnector(KVConnectorBase_V1):
                               and self.config.chunk_size % self._layout.block_size == 0
                               and block_records(self._layout) is not None)
         # Block-native chunks in CPU memory: a disk tier reads a chunk file straight into the
-        # engine's blocks, one copy from the page cache (`DiskTier.get_many_into`)
+        # engine's blocks, one copy from the page cache (`DiskTier.get_into`)
         if self._block_native and self._layers[0].device.type == "cpu":
             self._block_views = BlockViews(self._layers, self._layout)
         ns = make_namespace(self._vllm_config, self.config, self._layout, self._layers[0].dtype,
@@ -635,9 +635,10 @@ class LMCacheLabConnector(KVConnectorBase_V1):
             ids = torch.from_numpy(spec.slots[a - spec.start:b - spec.start:n] // n)
             mine = self._block_views(ids) if len(ids) else []
             spans = len(mine) // (layers * len(ids)) if len(ids) else 0
-            # blocks before the start: the load's first chunk; past the end: its last
-            scratch = (self._scratch_chunk(0 if a > i * cs else 1, layers * (cs // n) * row)
-                       if len(wanted) < nb else None)
+            scratch = getattr(self._scratch, "chunk", None)
+            if len(wanted) < nb and scratch is None:
+                scratch = self._scratch.chunk = memoryview(       # a whole chunk, this thread's
+                    torch.zeros(layers * (cs // n) * row, dtype=torch.uint8).numpy())
             out, k = [], 0
             for layer in range(layers):
                 for j in range(nb):
@@ -650,17 +651,6 @@ class LMCacheLabConnector(KVConnectorBase_V1):
             return out, value
 
         return into
-
-    def _scratch_chunk(self, which: int, nbytes: int) -> memoryview:
-        """This thread's scratch chunk `which` (0: for a load's first chunk, 1: its last). The
-        chunks of a load are read at once (`DiskTier.get_many_into`) and each read checksums
-        its scratch bytes, so the first and last chunk never share one."""
-        pair = getattr(self._scratch, "chunks", None)
-        if pair is None:
-            pair = self._scratch.chunks = [None, None]
-        if pair[which] is None:
-            pair[which] = memoryview(torch.zeros(nbytes, dtype=torch.uint8).numpy())
-        return pair[which]
 
     def _gather(self, slots: torch.Tensor) -> torch.Tensor:
         """A fresh chunk of the tokens at `slots` (one chunk, starting at a block boundary)."""

@@ -42,7 +42,6 @@ import time
 import uuid
 import weakref
 from dataclasses import dataclass
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Sequence
 
@@ -67,11 +66,6 @@ RESCAN_INTERVAL_S = 1.0
 # a local index may hold this many keys beyond twice the directory's chunks before it is checked
 # for keys whose files peers removed
 STALE_SLACK = 4096
-# Chunk files of one load read at once (`get_many_into`): a disk serves several reads in flight
-# faster than one after another, and the copies and checksums spread over the cores. On the
-# 2-core x86 VM of docs/vllm.md, 8 files of 2.8 MiB: 5.4 -> 4.0 ms from the page cache, 0.74 ->
-# 1.0 GB/s from the disk.
-READ_THREADS = 4
 
 ChunkFile = tuple[int, bytes, int]   # (mtime_ns, key, size) of a chunk file
 
@@ -118,27 +112,6 @@ def preadv_fully(fd: int, buffers: list[memoryview], offset: int) -> int:
             i += 1
         first = n
     return got
-
-
-@dataclass(frozen=True)
-class _Read:
-    """What reading one chunk file into place found (`DiskTier._read_into`)."""
-    path: str
-    size: int = 0                          # the file's bytes, when it verified
-    parent: bytes | None = None
-    missing: bool = False                  # no such file
-    error: OSError | None = None           # the read failed
-    damage: wire.WireError | None = None   # read, but not a valid chunk of this key and layout
-    inode: int = 0
-
-
-def _check_payload(payload: list[memoryview], layout) -> int:
-    """The payload's bytes; a ValueError (the caller's mistake) unless `layout` has as many."""
-    want = sum(len(b) for b in payload)
-    if want != layout_nbytes(layout):
-        raise ValueError(f"get_into: buffers of {want} bytes for tensors {list(layout)} of "
-                         f"{layout_nbytes(layout)}")
-    return want
 
 
 def _close_all(fds: list[int]) -> None:
@@ -190,8 +163,6 @@ class DiskTier(BudgetedTier):
         self._rescanned_at = -math.inf
         self._folders: set[str] = set()
         self._seen = Ledger(0, 0)   # the ledger as this tier last read or wrote it
-        self._pool: ThreadPoolExecutor | None = None    # `_readers`
-        self._pool_pid = -1
         self._open_ledger()
         self._load_index()
 
@@ -503,53 +474,19 @@ class DiskTier(BudgetedTier):
         decoded into a tensor of its own: one copy, from the page cache into the buffers.
         Buffers that do not add up to `layout` are the caller's error (ValueError), never a
         reason to call the file damaged."""
-        return self._settle(key, self._read_into(key, payload, layout))
-
-    def get_many_into(self, items: Sequence[tuple[Key, list[memoryview], Any]]) -> list[int]:
-        """`get_into` of several (key, payload, layout): the bytes read of each, in order, up to
-        the first miss. The files are read and checksummed on up to READ_THREADS threads at once
-        (more reads in flight for the disk, the cores share the copying and hashing); the
-        bookkeeping stays on the calling thread, in order. Reads already started past a miss are
-        waited for before this returns (none writes into a buffer later); their buffers hold
-        anything."""
-        for _, payload, layout in items:
-            _check_payload(payload, layout)
-        if len(items) < 2:
-            sizes = [self.get_into(*item) for item in items]
-            return [n for n in sizes if n]
-        pending = [self._readers().submit(self._read_into, *item) for item in items]
-        sizes: list[int] = []
-        try:
-            for (key, _, _), read in zip(items, pending):
-                size = self._settle(key, read.result())
-                if not size:
-                    break
-                sizes.append(size)
-        finally:
-            for read in pending:
-                read.cancel()
-            for read in pending:
-                if not read.cancelled():
-                    read.exception()             # wait; a raised read was settled or is moot
-        return sizes
-
-    def _readers(self) -> ThreadPoolExecutor:
-        """This process's reader threads (a forked child starts its own)."""
-        if self._pool_pid != os.getpid():
-            self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="lmcache-lab-disk")
-            self._pool_pid = os.getpid()
-        return self._pool
-
-    def _read_into(self, key: Key, payload: list[memoryview], layout) -> _Read:
-        """The file part of `get_into`, safe on any thread: it touches no state of the tier."""
-        want = _check_payload(payload, layout)
         path = self._path(key)
+        want = sum(len(b) for b in payload)
+        if want != layout_nbytes(layout):
+            raise ValueError(f"get_into: buffers of {want} bytes for tensors {list(layout)} of "
+                             f"{layout_nbytes(layout)}")
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
-            return _Read(path, missing=True)
+            self._forget(key)
+            self.stats.misses += 1
+            return 0
         except OSError as e:
-            return _Read(path, error=e)
+            return self._read_error(path, e)
         try:
             st = os.fstat(fd)
             size, inode = st.st_size, st.st_ino
@@ -563,32 +500,19 @@ class DiskTier(BudgetedTier):
             record = wire.verify_into(head, payload, key, layout, self.mac_key)
             os.utime(fd)
         except wire.WireError as e:
-            return _Read(path, inode=inode, damage=e)
-        except OSError as e:
-            return _Read(path, error=e)
-        finally:
-            os.close(fd)
-        return _Read(path, size=size, parent=record.parent)
-
-    def _settle(self, key: Key, read: _Read) -> int:
-        """Count a `_read_into` as `get` counts (and remove a damaged file); its bytes or 0."""
-        if read.missing:
-            self._forget(key)
-            self.stats.misses += 1
-            return 0
-        if read.error is not None:
-            return self._read_error(read.path, read.error)
-        if read.damage is not None:
-            log.warning("disk tier: %s is not a valid chunk (%s); removing it", read.path,
-                        read.damage)
+            log.warning("disk tier: %s is not a valid chunk (%s); removing it", path, e)
             self.stats.corrupt += 1
             self.stats.misses += 1
-            self._remove_damaged(key, read.path, read.inode)
+            self._remove_damaged(key, path, inode)
             return 0
-        self._adopt_found(key, read.size, read.parent)
+        except OSError as e:
+            return self._read_error(path, e)
+        finally:
+            os.close(fd)
+        self._adopt_found(key, size, record.parent)
         self.stats.hits += 1
-        self.stats.bytes_read += read.size
-        return read.size
+        self.stats.bytes_read += size
+        return size
 
     def _read_error(self, path: str, e: OSError) -> int:
         log.warning("disk tier: read of %s failed: %s", path, e)
@@ -772,7 +696,4 @@ class DiskTier(BudgetedTier):
         return removed
 
     def close(self) -> None:
-        if self._pool is not None and self._pool_pid == os.getpid():
-            self._pool.shutdown(wait=True)
-            self._pool, self._pool_pid = None, -1
         self._close_ledger()

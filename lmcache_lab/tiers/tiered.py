@@ -105,8 +105,8 @@ class TieredStore:
         are then promoted into every tier above them, parents first (past the first missing chunk
         a value would be an orphan there).
 
-        With `into`, a tier that reads values straight into memory (`get_many_into`: the disk
-        tier) reads chunk i into `into(i)`'s buffers, in chain order up to its first miss; such an entry
+        With `into`, a tier that reads values straight into memory (`get_into`: the disk tier)
+        reads chunk i into `into(i)`'s buffers, in chain order up to its first miss; such an entry
         is `InPlace` and is not promoted (it has no tensor of its own: the page cache keeps a hot
         file in memory)."""
         values: list[Any] = [None] * len(keys)
@@ -116,9 +116,13 @@ class TieredStore:
             if not missing:
                 break
             with tier.lock:
-                if into is not None and hasattr(tier, "get_many_into"):
-                    got = [InPlace(n) for n in tier.get_many_into([(keys[i], *into(i))
-                                                                   for i in missing])]
+                if into is not None and hasattr(tier, "get_into"):
+                    got = []
+                    for i in missing:
+                        nbytes = tier.get_into(keys[i], *into(i))
+                        if not nbytes:
+                            break
+                        got.append(InPlace(nbytes))
                 else:
                     got = tier.get_many([keys[i] for i in missing])
             for i, value in zip(missing, got):
