@@ -321,9 +321,12 @@ _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _copy_rows(rows: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> None:
-    """rows[idx] = src (`rows` [R, C], `idx` int64 [M] distinct, `src` [M, C]). On CPU through
-    numpy views of the same memory as integers (a bit copy): ~5x faster than index_copy_."""
-    if rows.device.type != "cpu":
+    """rows[idx] = src (`rows` [R, C], `idx` int64 [M] distinct, `src` [M, C]). On a CPU with
+    one torch thread through numpy views of the same memory as integers (a bit copy), which
+    index_copy_ runs 1.0-1.6x slower; with more threads index_copy_ splits the rows among them
+    (18 MiB on 2 threads, rows of 64 to 65,536 fp32, strided: 1.3-2.1x faster than numpy;
+    2-core Xeon, torch 2.13)."""
+    if rows.device.type != "cpu" or torch.get_num_threads() > 1:
         rows.index_copy_(0, idx, src)
         return
     itype = _INT_VIEW[rows.element_size()]

@@ -177,7 +177,7 @@ def test_the_connector_reads_partial_and_tail_chunks_into_the_engines_blocks(tmp
     from lmcache_lab.integrations.vllm import LMCacheLabConnector
     from lmcache_lab.integrations.vllm_cache import WorkerCache
     from lmcache_lab.integrations.vllm_plan import LoadSpec, slot_mapping
-    from lmcache_lab.kernels.blocks import BlockViews, gather_blocks
+    from lmcache_lab.kernels.blocks import BlockCache, gather_blocks
     from lmcache_lab.kernels.layout import KVLayout
     from lmcache_lab.keys import Namespace
 
@@ -199,7 +199,7 @@ def test_the_connector_reads_partial_and_tail_chunks_into_the_engines_blocks(tmp
     engine = [torch.zeros_like(t) for t in source]
     conn.config, conn.block_size, conn._cache = config, bs, cache
     conn._layers, conn._layout = engine, layout
-    conn._block_native, conn._block_views = True, BlockViews(engine, layout)
+    conn._blocks, conn._reads_into = BlockCache(engine, layout), True
     conn._scratch = threading.local()
     blocks = np.arange(16, dtype=np.int64)                             # request "b": same ids
 

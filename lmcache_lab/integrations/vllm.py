@@ -66,7 +66,7 @@ from lmcache_lab.integrations.vllm_plan import (LoadSpec, Planner, StepPlan, Sto
 from lmcache_lab.integrations.vllm_stats import LMCacheLabPromMetrics, LMCacheLabStats, kv_events
 from lmcache_lab.integrations.vllm_support import unsupported_spec_reason
 from lmcache_lab.keys import ChunkKeyer, Namespace
-from lmcache_lab.kernels.blocks import BlockViews, block_records, gather_blocks, scatter_blocks
+from lmcache_lab.kernels.blocks import BlockCache, block_records
 from lmcache_lab.kernels.layout import KVLayout, UnsupportedLayout
 from lmcache_lab.kernels.paged import gather, scatter
 from lmcache_lab.tiers.remote import RemoteTier
@@ -187,8 +187,8 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         self._layers: list[torch.Tensor] = []
         self._invalid_blocks: set[int] = set()
         self._stores_here = True      # False on tensor ranks > 0 of an MLA cache (rank 0 stores)
-        self._block_native = False    # chunks are whole block records (kernels/blocks.py)
-        self._block_views: BlockViews | None = None   # set: a disk tier reads into the blocks
+        self._blocks: BlockCache | None = None    # set: chunks are whole block records
+        self._reads_into = False      # a disk tier reads chunk files straight into the blocks
         self._scratch = threading.local()         # .chunk: blocks read but not loaded (per thread)
         self._background: BackgroundLoads | None = None   # loads between steps (`prefetch`)
         # scheduler side
@@ -421,15 +421,14 @@ class LMCacheLabConnector(KVConnectorBase_V1):
             return
         # Whole block records where the layout has them, the chunk is whole blocks and no codec
         # needs the token-major [2, L, N, H*D] form: one row copy per block and layer.
-        self._block_native = (self.config.codec == "none"
-                              and self.config.chunk_size % self._layout.block_size == 0
-                              and block_records(self._layout) is not None)
+        if (self.config.codec == "none" and self.config.chunk_size % self._layout.block_size == 0
+                and block_records(self._layout) is not None):
+            self._blocks = BlockCache(self._layers, self._layout)
         # Block-native chunks in CPU memory: a disk tier reads a chunk file straight into the
         # engine's blocks, one copy from the page cache (`DiskTier.get_into`)
-        if self._block_native and self._layers[0].device.type == "cpu":
-            self._block_views = BlockViews(self._layers, self._layout)
+        self._reads_into = self._blocks is not None and self._layers[0].device.type == "cpu"
         ns = make_namespace(self._vllm_config, self.config, self._layout, self._layers[0].dtype,
-                            tp_rank, tp_size, pp_rank, pp_size, self._block_native)
+                            tp_rank, tp_size, pp_rank, pp_size, self._blocks is not None)
         # MLA: one copy for all tensor ranks (make_namespace drops the rank), written by rank 0
         self._stores_here = self._layout.v is not None or tp_rank == 0
         # events once per chunk: tensor rank 0 speaks for the ranks' shards
@@ -448,7 +447,7 @@ class LMCacheLabConnector(KVConnectorBase_V1):
             self._background = BackgroundLoads(self._load_between_steps, self._layout.block_size)
         log.info("lmcache_lab: %s layout (%s chunks), %d layers, chunk_size %d, tiers %s, "
                  "namespace %s", self._layout.name,
-                 "block-native" if self._block_native else "token-major",
+                 "block-native" if self._blocks is not None else "token-major",
                  self._layout.num_layers, self.config.chunk_size,
                  [t.name for t in self._cache.engine.tiers], ns)
 
@@ -579,7 +578,7 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         first, last = spec.start // cs, -(-spec.end // cs)
         loaded_to = spec.start          # tokens [spec.start, loaded_to) are in the engine
         try:
-            into = self._destination(spec) if self._block_views is not None else None
+            into = self._destination(spec) if self._reads_into else None
             chunks = self._cache.read(spec.req_id, first, last, into)
             device = self._layers[0].device
             slots = torch.from_numpy(spec.slots).to(device)
@@ -603,7 +602,7 @@ class LMCacheLabConnector(KVConnectorBase_V1):
 
     def _scatter(self, chunk: torch.Tensor, a: int, b: int, slots: torch.Tensor) -> None:
         """Write tokens [a, b) of `chunk` into the engine's cache at `slots`."""
-        if not self._block_native:
+        if self._blocks is None:
             part = chunk if b - a == chunk.shape[2] else chunk[:, :, a:b].contiguous()
             scatter(part, self._layers, self._layout, slots)
             return
@@ -611,11 +610,11 @@ class LMCacheLabConnector(KVConnectorBase_V1):
         if a % n or b % n:      # vLLM's computed tokens are whole blocks: never expected
             raise ValueError(f"tokens [{a}, {b}) of a block-native chunk are not whole "
                              f"{n}-token blocks")
-        scatter_blocks(chunk[:, a // n:b // n], self._layers, self._layout, slots[::n] // n)
+        self._blocks.scatter(chunk[:, a // n:b // n], slots[::n] // n)
 
     def _destination(self, spec: LoadSpec):
         """`into(i)` for `WorkerCache.read`: block-native chunk i read straight into the engine's
-        blocks (`BlockViews`, layer by layer). Blocks of the chunk outside the load's tokens
+        blocks (`BlockCache.views`, layer by layer). Blocks of the chunk outside the load's tokens
         (before its start: the engine's own prefix-cache hit; past its end) are read into a
         scratch chunk and dropped: the whole value is read, or its checksum could not be checked.
         A failed read leaves garbage in the blocks, which `_load` then reports invalid."""
@@ -633,7 +632,7 @@ class LMCacheLabConnector(KVConnectorBase_V1):
                 raise ValueError(f"tokens [{a}, {b}) are not whole {n}-token blocks")
             wanted = range((a - i * cs) // n, (b - i * cs) // n)            # blocks of the chunk
             ids = torch.from_numpy(spec.slots[a - spec.start:b - spec.start:n] // n)
-            mine = self._block_views(ids) if len(ids) else []
+            mine = self._blocks.views(ids) if len(ids) else []
             spans = len(mine) // (layers * len(ids)) if len(ids) else 0
             scratch = getattr(self._scratch, "chunk", None)
             if len(wanted) < nb and scratch is None:
@@ -654,10 +653,10 @@ class LMCacheLabConnector(KVConnectorBase_V1):
 
     def _gather(self, slots: torch.Tensor) -> torch.Tensor:
         """A fresh chunk of the tokens at `slots` (one chunk, starting at a block boundary)."""
-        if not self._block_native:
+        if self._blocks is None:
             return gather(self._layers, self._layout, slots)    # [2|1, L, cs, H*D]
         n = self._layout.block_size
-        return gather_blocks(self._layers, self._layout, slots[::n] // n)   # [L, cs/n, R]
+        return self._blocks.gather(slots[::n] // n)                         # [L, cs/n, R]
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads are synchronous: done before the forward pass starts

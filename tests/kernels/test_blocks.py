@@ -129,3 +129,32 @@ def test_bad_block_ids_are_refused_before_any_copy():
     with pytest.raises(TypeError, match="int64"):
         gather_blocks(caches, layout, torch.tensor([0], dtype=torch.int32))
     assert all(torch.equal(a, b) for a, b in zip(caches, before))
+
+
+@pytest.mark.parametrize("threads", [1, 2], ids=["numpy-copy", "index_copy"])
+@pytest.mark.parametrize("stacked", [False, True], ids=["layer-tensors", "one-buffer"])
+def test_one_block_cache_serves_many_copies_as_fresh_calls_do(stacked, threads):
+    """A `BlockCache` built once (as the connector builds it at registration) gives, call after
+    call, the bits of the reference gather, whichever copy `_copy_rows` picks for the number of
+    torch threads; it keeps nothing of one call for the next."""
+    from lmcache_lab.kernels.blocks import BlockCache
+
+    layout = KVLayout.vllm_cpu(3, 8, 16, 2, 32)
+    make = (lambda f: list(f((3, *layout.layer_shape)).unbind(0))) if stacked else \
+        (lambda f: [f(layout.layer_shape) for _ in range(3)])
+    source, engine = make(torch.randn), make(torch.zeros)
+    blocks = BlockCache(engine, layout)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for src, dst in [([0, 1], [7, 2]), ([5], [0]), ([2, 3, 4], [3, 1, 6])]:
+            chunk = gather_blocks_reference(source, layout, torch.tensor(src))
+            blocks.scatter(chunk, torch.tensor(dst))
+            assert torch.equal(blocks.gather(torch.tensor(dst)), chunk)
+            assert torch.equal(blocks.gather(torch.tensor(dst)),
+                               gather_blocks(engine, layout, torch.tensor(dst)))
+    finally:
+        torch.set_num_threads(before)
+    written = [7, 2, 0, 3, 1, 6]
+    assert all(torch.count_nonzero(t[[4, 5]]) == 0 for t in engine)        # never written
+    assert all(torch.count_nonzero(t[written]) > 0 for t in engine)
