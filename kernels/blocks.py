@@ -119,7 +119,7 @@ class BlockCache:
                                       distinct=True)
         self.records, self.num_layers, self.num_blocks = records, layout.num_layers, layout.num_blocks
         self.ref = pairs[0][0]
-        # per span: [(layers, rows, first)]: rows[first[:, None] + ids] are the span of blocks
+        # per span: [(layers, rows, first)]: rows[_index(first, ids)] are the span of blocks
         # ids of those layers (`_rows`)
         self._rows = [list(_rows(pairs, records, span, layout.num_blocks)) for span in records.spans]
         self._pairs = pairs
