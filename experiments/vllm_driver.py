@@ -29,6 +29,14 @@ spec = {
                               # time to first token (ttft_s), to its end (finish_s), longest wait
                               # between two tokens (max_gap_s), engine steps from its submission
                               # to its first token (ttft_steps), tokens, num_cached_tokens
+    {"op": "decode_sharing", "shared_prefix": [ids...], "private_prefixes": [[[ids...], ...], ...],
+     "suffixes": [[[ids...], ...], ...], "max_tokens": 32}
+                              # rounds of len(suffixes[r]) requests served together, alternating:
+                              # even rounds share `shared_prefix`, odd rounds have the private
+                              # prefixes of private_prefixes[r // 2]; each request is its
+                              # prefix + its suffix. Per round kind: the seconds of every step
+                              # after all of the round's requests had their first token (decode
+                              # steps), num_cached_tokens
     {"op": "reset"},                               # llm.reset_prefix_cache()
     {"op": "scrape", "port": 9100},                # lmcache_lab_* samples from the endpoint
     {"op": "vllm_stats"},                          # vLLM's own counters and gauges (name ->
@@ -282,6 +290,42 @@ def concurrent(llm, op: dict, params_of) -> dict:
             "num_cached_tokens": [done[r].num_cached_tokens for r in ids]}
 
 
+def decode_sharing(llm, op: dict, params_of) -> dict:
+    """Decode steps of requests that share one prefix against requests of private prefixes, in
+    alternating rounds of one engine. With the engine's prefix cache on, a shared round's requests
+    point at one copy of the prefix's blocks (the caller serves the shared prefix once first), a
+    private round's each read their own; a connector hit is always a private copy (vLLM gives it
+    blocks of its own), so this is what a step costs a batch of connector hits against a batch of
+    prefix-cache hits, with everything else equal."""
+    from vllm.inputs import TokensPrompt
+
+    engine = llm.llm_engine
+    params = params_of(op["max_tokens"])
+    out = {kind: {"step_s": [], "num_cached_tokens": []} for kind in ("shared", "private")}
+    for r, suffixes in enumerate(op["suffixes"]):
+        kind = "shared" if r % 2 == 0 else "private"
+        prefixes = ([op["shared_prefix"]] * len(suffixes) if kind == "shared"
+                    else op["private_prefixes"][r // 2])
+        ids = [f"decode-sharing-{r}-{i}" for i in range(len(suffixes))]
+        for rid, prefix, suffix in zip(ids, prefixes, suffixes):
+            engine.add_request(rid, TokensPrompt(prompt_token_ids=list(prefix) + list(suffix)), params)
+        started: set[str] = set()
+        done: dict = {}
+        while len(done) < len(ids):
+            decoding = len(started) == len(ids)
+            t = time.perf_counter()
+            outs = engine.step()
+            if decoding:
+                out[kind]["step_s"].append(time.perf_counter() - t)
+            for o in outs:
+                if o.outputs and o.outputs[0].token_ids:
+                    started.add(o.request_id)
+                if o.finished:
+                    done[o.request_id] = o
+        out[kind]["num_cached_tokens"] += [done[i].num_cached_tokens for i in ids]
+    return out
+
+
 def run(spec: dict) -> dict:
     for k, v in CPU_ENV.items():
         os.environ.setdefault(k, v)
@@ -342,6 +386,8 @@ def run(spec: dict) -> dict:
                             "num_cached_tokens": [o.num_cached_tokens for o in outs]})
         elif kind == "concurrent":
             results.append(concurrent(llm, op, params_of))
+        elif kind == "decode_sharing":
+            results.append(decode_sharing(llm, op, params_of))
         elif kind == "reset":
             results.append(llm.reset_prefix_cache())
         elif kind == "scrape":
